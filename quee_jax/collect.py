@@ -1,0 +1,220 @@
+"""Evaluates every state of a path family over a dataset: the state tables.
+
+One jit-compiled function computes all states for a batch. States at a gate
+that run their last segment at the same level are stacked and pushed through
+the segment's blocks together (a `vmap` over states), each from its parent's
+hidden state, so shared prefixes are computed once and the program holds
+gates x levels block calls rather than one per state. Because activations are
+quantized per token, stacking states and samples changes no sample's result.
+
+On a CPU a block slows down about 2x per row once a call holds more than ~512
+rows (samples x states) as the working set leaves the cache, so there the
+stacked states run in chunks of about `rows_per_call` rows (a `lax.map`);
+accelerators take each stack in one call.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from quee_jax import precision
+from quee_jax.backbone import Backbone, Params
+from quee_jax.paths import PathFamily
+from quee_jax.table import FEATURES, StateTable
+
+
+def softmax_features(logits: jax.Array, parent_logits: jax.Array | None = None
+                     ) -> dict[str, jax.Array]:
+  """Compact per-sample statistics of an exit's softmax (last axis = classes).
+
+  max_prob, margin (top-1 minus top-2 probability), entropy (nats),
+  kl_parent = KL(p || p_parent) to the previous exit on the path and
+  agree_parent (1 if both predict the same class); 0 and 1 at a root.
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  p = jnp.exp(logp)
+  top2 = jax.lax.top_k(p, 2)[0]
+  out = {"max_prob": top2[..., 0], "margin": top2[..., 0] - top2[..., 1],
+         "entropy": -jnp.sum(p * logp, axis=-1)}
+  if parent_logits is None:
+    out["kl_parent"] = jnp.zeros_like(out["max_prob"])
+    out["agree_parent"] = jnp.ones_like(out["max_prob"])
+  else:
+    parent_logp = jax.nn.log_softmax(parent_logits.astype(jnp.float32), axis=-1)
+    out["kl_parent"] = jnp.sum(p * (logp - parent_logp), axis=-1)
+    out["agree_parent"] = (jnp.argmax(logits, -1) == jnp.argmax(parent_logits, -1)
+                           ).astype(jnp.float32)
+  return out
+
+
+def default_rows_per_call() -> int:
+  """Rows (samples x states) per block call: 256 on CPU, unbounded elsewhere."""
+  return 256 if jax.default_backend() == "cpu" else 2**31
+
+
+def state_logits(backbone: Backbone, family: PathFamily, params: Params,
+                 inputs: jax.Array, rows_per_call: int | None = None) -> jax.Array:
+  """Logits of every state of `family` for a batch: [num_states, batch, classes].
+
+  rows_per_call: chunk each stack of states so a block call holds about this
+    many samples x states (None: `default_rows_per_call()`).
+  """
+  if rows_per_call is None:
+    rows_per_call = default_rows_per_call()
+  _check_family(backbone, family)
+  ladder = [precision.parse_level(name) for name in family.ladder]
+  bounds = (0,) + family.exits
+  h0 = backbone.embed(params, inputs)
+
+  def run_segment(h, gate, q):
+    # h: [n_states, batch, ...]; every block of the segment at level q.
+    def segment(x):
+      for i in range(bounds[gate], bounds[gate + 1]):
+        x = backbone.block(params, i, x, ladder[q])
+      return x
+    chunk = max(1, rows_per_call // h.shape[1])
+    if chunk >= h.shape[0]:
+      return jax.vmap(segment)(h)
+    return jax.lax.map(segment, h, batch_size=chunk)
+
+  logits, hidden, offset = [], None, 0
+  for gate in range(family.num_gates):
+    states = family.states_at(gate)
+    groups = []
+    for q in np.unique(family.level[states]):  # contiguous by construction
+      members = states[family.level[states] == q]
+      if gate == 0:
+        h = h0[None]
+      else:  # static gather of the parents' hidden states
+        h = hidden[family.parent[members] - offset]
+      groups.append(run_segment(h, gate, int(q)))
+    offset = states[0]
+    hidden = jnp.concatenate(groups) if len(groups) > 1 else groups[0]
+    logits.append(jax.vmap(lambda x, g=gate: backbone.exit_head(params, g, x))(hidden))
+  return jnp.concatenate(logits)
+
+
+def make_collect_fn(backbone: Backbone, family: PathFamily, keep_logits: bool = False,
+                    rows_per_call: int | None = None
+                    ) -> Callable[[Params, jax.Array, jax.Array], dict[str, jax.Array]]:
+  """A function (params, inputs [B, ...], labels [B]) -> per-state outputs [S, B].
+
+  Outputs: pred (int32), correct (bool), every name in FEATURES (float32), and
+  logits [S, B, C] when keep_logits. Not jitted: `collect_table` jits it with
+  the shardings of its device mesh. rows_per_call: see `state_logits`.
+  """
+  parent = np.maximum(family.parent, 0)
+  is_root = (family.parent < 0)[:, None]
+
+  def fn(params, inputs, labels):
+    logits = state_logits(backbone, family, params, inputs, rows_per_call)
+    feats = softmax_features(logits, logits[parent])
+    feats["kl_parent"] = jnp.where(is_root, 0.0, feats["kl_parent"])
+    feats["agree_parent"] = jnp.where(is_root, 1.0, feats["agree_parent"])
+    pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    out = {"pred": pred, "correct": pred == labels[None, :], **feats}
+    if keep_logits:
+      out["logits"] = logits.astype(jnp.float32)
+    return out
+
+  return fn
+
+
+def padded_batches(inputs: np.ndarray, labels: np.ndarray, batch_size: int
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+  """Fixed-size batches; the last is zero-padded. Yields (inputs, labels, n_valid)."""
+  n = len(labels)
+  for start in range(0, n, batch_size):
+    x = np.asarray(inputs[start:start + batch_size])
+    y = np.asarray(labels[start:start + batch_size])
+    valid = len(y)
+    if valid < batch_size:
+      x = np.concatenate([x, np.zeros((batch_size - valid, *x.shape[1:]), x.dtype)])
+      y = np.concatenate([y, np.zeros((batch_size - valid,), y.dtype)])
+    yield x, y, valid
+
+
+def _check_family(backbone: Backbone, family: PathFamily) -> None:
+  if tuple(family.exits) != tuple(backbone.exits):
+    raise ValueError(f"family: built for exits {family.exits}, the backbone has {backbone.exits}")
+
+
+def collect_table(backbone: Backbone, params: Params, family: PathFamily,
+                  inputs: np.ndarray, labels: np.ndarray, batch_size: int = 128, *,
+                  keep_logits: bool = False, devices: list | None = None,
+                  rows_per_call: int | None = None, progress: bool = True,
+                  meta: dict | None = None) -> StateTable:
+  """Streams a dataset through every state of `family`; returns the state table.
+
+  Args:
+    backbone: the multi-exit model.
+    params: its parameters.
+    family: the path family (built for this backbone's exits and costs).
+    inputs: [N, ...] model inputs (numpy or anything sliceable to numpy).
+    labels: [N] integer labels.
+    batch_size: samples per step; a multiple of the number of devices. The last
+      batch is padded, so the function compiles once.
+    keep_logits: also keep every state's logits ([S, N, C] float32).
+    devices: devices to shard each batch over (default: all local devices).
+    rows_per_call: samples x states per block call on each device (None:
+      `default_rows_per_call()`); a speed knob, results do not depend on it.
+    progress: show a progress bar.
+    meta: extra JSON-serializable metadata stored with the table (e.g. dataset).
+  """
+  _check_family(backbone, family)
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels: expected a 1-D integer array, got {labels.dtype}{list(labels.shape)}")
+  if len(inputs) != len(labels):
+    raise ValueError(f"inputs: {len(inputs)} samples but labels has {len(labels)}")
+  if len(labels) == 0:
+    raise ValueError("inputs: expected at least one sample, got none")
+  if labels.min() < 0 or labels.max() >= backbone.num_classes:
+    raise ValueError(f"labels: expected values in [0, {backbone.num_classes}),"
+                     f" got [{labels.min()}, {labels.max()}]")
+  devices = list(devices) if devices is not None else jax.local_devices()
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+  if batch_size % len(devices):
+    raise ValueError(f"batch_size: must be a multiple of the {len(devices)} devices,"
+                     f" got {batch_size}")
+
+  mesh = Mesh(np.array(devices), ("batch",))
+  replicated, by_sample = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
+  per_state = NamedSharding(mesh, P(None, "batch"))
+  if rows_per_call is None:
+    rows_per_call = default_rows_per_call()
+  if isinstance(rows_per_call, bool) or not isinstance(rows_per_call, int) or rows_per_call < 1:
+    raise ValueError(f"rows_per_call: expected a positive int or None, got {rows_per_call!r}")
+  rows_per_call *= len(devices)  # the chunk is sized on each device's shard
+  step = jax.jit(make_collect_fn(backbone, family, keep_logits, rows_per_call),
+                 in_shardings=(replicated, by_sample, by_sample), out_shardings=per_state)
+  params = jax.device_put(params, replicated)
+
+  chunks: list[dict[str, np.ndarray]] = []
+  pending = None  # dispatch batch k+1 before copying batch k to the host
+
+  def fetch(out_valid):
+    out, valid = out_valid
+    chunks.append({k: np.asarray(v)[:, :valid] for k, v in out.items()})
+
+  num_batches = -(-len(labels) // batch_size)
+  for x, y, valid in tqdm(padded_batches(inputs, labels, batch_size), total=num_batches,
+                          desc=f"collect {family.name}", disable=not progress):
+    out = step(params, jax.device_put(x, by_sample), jax.device_put(y, by_sample))
+    if pending is not None:
+      fetch(pending)
+    pending = (out, valid)
+  fetch(pending)
+
+  cat = {k: np.concatenate([c[k] for c in chunks], axis=1) for k in chunks[0]}
+  return StateTable(
+      family=family, labels=labels.astype(np.int32), pred=cat["pred"], correct=cat["correct"],
+      features={name: cat[name] for name in FEATURES}, logits=cat.get("logits"),
+      backbone=dict(backbone.config), meta=dict(meta or {}))

@@ -1,0 +1,1 @@
+"""Backbones implementing the `quee_jax.backbone.Backbone` interface."""

@@ -1,0 +1,215 @@
+"""A pure-function Vision Transformer with an exit head after chosen blocks.
+
+Pre-LN encoder as in big_vision's ViT (class token, learned position
+embedding, GELU MLP, LayerNorm eps 1e-6). Every matmul of a block, the attention
+QK^T and AV included, runs at the block's precision level through
+`quee_jax.precision`; the patch embedding (reshape + dense, no convolution) and
+the exit heads (LayerNorm + Dense on the class token) stay float.
+
+Params are a plain pytree:
+  embedding: {kernel [p*p*c, D], bias [D]}, cls [1, 1, D], pos_embedding [1, T+1, D]
+  blocks: list of {ln1, qkv {kernel [D, 3D]}, out, ln2, mlp1, mlp2}
+  heads: list (one per exit) of {norm {scale, bias}, dense {kernel [D, C], bias}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quee_jax import precision
+from quee_jax.backbone import Backbone, validate_exits
+from quee_jax.precision import FLOAT, Level
+
+Params = dict[str, Any]
+LN_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """ViT geometry. `exits` are block counts after which a head sits (default: all)."""
+
+  image_size: int = 28
+  channels: int = 1
+  patch: int = 7
+  dim: int = 96
+  depth: int = 6
+  heads: int = 4
+  mlp_dim: int = 384
+  num_classes: int = 10
+  exits: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    for name in ("image_size", "channels", "patch", "dim", "depth", "heads",
+                 "mlp_dim", "num_classes"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"ViTConfig.{name}: expected a positive int, got {value!r}")
+    if self.image_size % self.patch:
+      raise ValueError(
+          f"ViTConfig.patch: must divide image_size {self.image_size}, got {self.patch}")
+    if self.dim % self.heads:
+      raise ValueError(
+          f"ViTConfig.heads: must divide dim {self.dim}, got {self.heads}")
+    if self.num_classes < 2:
+      raise ValueError(f"ViTConfig.num_classes: expected >= 2, got {self.num_classes}")
+    exits = tuple(range(1, self.depth + 1)) if self.exits is None else tuple(self.exits)
+    object.__setattr__(self, "exits", validate_exits(exits, self.depth, "ViTConfig.exits"))
+
+  @property
+  def num_tokens(self) -> int:
+    """Tokens per image including the class token."""
+    return (self.image_size // self.patch) ** 2 + 1
+
+  def to_dict(self) -> dict:
+    return {"model": "vit", **dataclasses.asdict(self), "exits": list(self.exits)}
+
+
+def _dense_init(key, fan_in, fan_out):
+  # Xavier uniform, as big_vision's ViT; heads too (a zero head would make
+  # every exit of an untrained model predict class 0).
+  limit = np.sqrt(6.0 / (fan_in + fan_out))
+  return {"kernel": jax.random.uniform(key, (fan_in, fan_out), jnp.float32, -limit, limit),
+          "bias": jnp.zeros((fan_out,), jnp.float32)}
+
+
+def _ln_init(dim):
+  return {"scale": jnp.ones((dim,), jnp.float32), "bias": jnp.zeros((dim,), jnp.float32)}
+
+
+def init(key: jax.Array, cfg: ViTConfig) -> Params:
+  """Random parameters for `cfg`."""
+  k_embed, k_pos, k_blocks, k_heads = jax.random.split(key, 4)
+  d = cfg.dim
+  blocks = []
+  for k in jax.random.split(k_blocks, cfg.depth):
+    kq, ko, k1, k2 = jax.random.split(k, 4)
+    blocks.append({"ln1": _ln_init(d), "qkv": _dense_init(kq, d, 3 * d),
+                   "out": _dense_init(ko, d, d), "ln2": _ln_init(d),
+                   "mlp1": _dense_init(k1, d, cfg.mlp_dim),
+                   "mlp2": _dense_init(k2, cfg.mlp_dim, d)})
+  heads = [{"norm": _ln_init(d), "dense": _dense_init(k, d, cfg.num_classes)}
+           for k in jax.random.split(k_heads, len(cfg.exits))]
+  return {
+      "embedding": _dense_init(k_embed, cfg.patch * cfg.patch * cfg.channels, d),
+      "cls": jnp.zeros((1, 1, d), jnp.float32),
+      "pos_embedding": 0.02 * jax.random.normal(k_pos, (1, cfg.num_tokens, d), jnp.float32),
+      "blocks": blocks,
+      "heads": heads,
+  }
+
+
+def layer_norm(x: jax.Array, p: Params) -> jax.Array:
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + LN_EPS) * p["scale"] + p["bias"]
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+  """[..., H, W, C] -> [..., (H/p)*(W/p), p*p*C], patch vectors in (row, col, channel) order."""
+  *lead, h, w, c = images.shape
+  x = images.reshape(*lead, h // patch, patch, w // patch, patch, c)
+  x = jnp.moveaxis(x, -4, -3)  # [..., H/p, W/p, p, p, C]
+  return x.reshape(*lead, (h // patch) * (w // patch), patch * patch * c)
+
+
+def check_images(images: jax.Array, cfg: ViTConfig, arg: str = "images") -> None:
+  """Raises ValueError unless images are float [..., H, W, C] matching cfg."""
+  want = (cfg.image_size, cfg.image_size, cfg.channels)
+  shape = tuple(images.shape)
+  if len(shape) < 4 or shape[-3:] != want:
+    raise ValueError(f"{arg}: expected shape [batch, {want[0]}, {want[1]}, {want[2]}]"
+                     f" for this ViT, got {list(shape)}")
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(f"{arg}: expected a float dtype (normalized images), got {images.dtype}")
+
+
+def embed(params: Params, images: jax.Array, cfg: ViTConfig) -> jax.Array:
+  """Images [..., H, W, C] -> tokens [..., T+1, D] (class token first)."""
+  check_images(images, cfg)
+  x = precision.dense(patchify(images, cfg.patch), params["embedding"]["kernel"],
+                      params["embedding"]["bias"], FLOAT)
+  cls = jnp.broadcast_to(params["cls"], (*x.shape[:-2], 1, cfg.dim)).astype(x.dtype)
+  return jnp.concatenate([cls, x], axis=-2) + params["pos_embedding"][0]
+
+
+def attention(p: Params, x: jax.Array, cfg: ViTConfig, level: Level) -> jax.Array:
+  qkv = precision.dense(x, p["qkv"]["kernel"], p["qkv"]["bias"], level)
+  head_dim = cfg.dim // cfg.heads
+  q, k, v = (t.reshape(*t.shape[:-1], cfg.heads, head_dim)
+             for t in jnp.split(qkv, 3, axis=-1))
+  q = q * (head_dim ** -0.5)
+  scores = precision.einsum("...qhd,...khd->...hqk", q, k, level, both_activations=True)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = precision.einsum("...hqk,...khd->...qhd", probs, v, level, both_activations=True)
+  out = out.reshape(*out.shape[:-2], cfg.dim)
+  return precision.dense(out, p["out"]["kernel"], p["out"]["bias"], level)
+
+
+def block(params: Params, i: int, h: jax.Array, level: Level, cfg: ViTConfig) -> jax.Array:
+  """Block i (0-based) at `level`; every leading axis of h is a batch axis."""
+  p = params["blocks"][i]
+  h = h + attention(p, layer_norm(h, p["ln1"]), cfg, level)
+  y = precision.dense(layer_norm(h, p["ln2"]), p["mlp1"]["kernel"], p["mlp1"]["bias"], level)
+  y = precision.dense(jax.nn.gelu(y), p["mlp2"]["kernel"], p["mlp2"]["bias"], level)
+  return h + y
+
+
+def exit_head(params: Params, e: int, h: jax.Array) -> jax.Array:
+  """Exit e (index into cfg.exits): LayerNorm + Dense on the class token, float."""
+  p = params["heads"][e]
+  cls = layer_norm(h[..., 0, :], p["norm"])
+  return precision.dense(cls, p["dense"]["kernel"], p["dense"]["bias"], FLOAT)
+
+
+def _block_levels(levels: Level | str | Sequence[Level | str], depth: int) -> list[Level]:
+  if isinstance(levels, (Level, str)):
+    return [precision.parse_level(levels)] * depth
+  levels = [precision.parse_level(level) for level in levels]
+  if len(levels) != depth:
+    raise ValueError(f"levels: expected one level per block ({depth}), got {len(levels)}")
+  return levels
+
+
+def forward(params: Params, images: jax.Array, cfg: ViTConfig,
+            levels: Level | str | Sequence[Level | str] = FLOAT
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Runs every block and every exit head.
+
+  Args:
+    params: from `init` (or an importer).
+    images: float [batch, H, W, C].
+    cfg: the model geometry.
+    levels: one level for all blocks, or one per block (a path).
+
+  Returns:
+    logits [num_exits, batch, classes] and intermediates {'embed': h0,
+    'block_<i>': hidden state after block i (1-based)}.
+  """
+  levels = _block_levels(levels, cfg.depth)
+  h = embed(params, images, cfg)
+  intermediates = {"embed": h}
+  logits = []
+  for i, level in enumerate(levels):
+    h = block(params, i, h, level, cfg)
+    intermediates[f"block_{i + 1}"] = h
+    if i + 1 in cfg.exits:
+      logits.append(exit_head(params, cfg.exits.index(i + 1), h))
+  return jnp.stack(logits), intermediates
+
+
+def backbone(cfg: ViTConfig) -> Backbone:
+  """The ViT behind the backbone interface the QuEE core uses."""
+  return Backbone(
+      num_blocks=cfg.depth,
+      exits=cfg.exits,
+      num_classes=cfg.num_classes,
+      embed=lambda params, images: embed(params, images, cfg),
+      block=lambda params, i, h, level: block(params, i, h, level, cfg),
+      exit_head=exit_head,
+      config=cfg.to_dict(),
+  )

@@ -1,0 +1,222 @@
+"""Path families: which precision histories exist, as a trie of states.
+
+A state at gate g is the level history (one level per block) that produced the
+hidden state at exit g; it is its parent state (at gate g-1) plus one segment of
+blocks run at one level. Levels change only at gates, where features exist.
+At a state the candidates are EXIT, or "continue at level q up to exit m" for
+every (q, m) the family allows; each has an additional counted cost ΔC.
+
+All states share one padded candidate layout: slot 0 is EXIT, slot
+1 + q * G + m is (level q, exit m); a mask removes what a state cannot take.
+That lets one `vmap` evaluate every gate later.
+
+Families (DESIGN.md §1):
+  switch_once  start at any start level; switch once, at any gate, to any other
+               level, and keep it (default).
+  constant     the level may change only at the first gate, then is kept.
+  exit_only    no level change: plain early exiting (one chain per start level).
+  quant_only   switch_once histories, but no early exit: only the level choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from quee_jax.backbone import validate_exits
+from quee_jax.cost import CostTable
+
+EXIT = 0  # candidate slot of "exit now"
+
+# name -> (when the level may change, whether early exits are allowed)
+_RULES = {
+    "switch_once": ("once", True),
+    "constant": ("first_gate", True),
+    "exit_only": ("never", True),
+    "quant_only": ("once", False),
+}
+FAMILIES = tuple(_RULES)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PathFamily:
+  """A family's trie of states with costs and candidates (numpy arrays, S states).
+
+  States are ordered by gate, and within a gate by (segment level, parent), so
+  the children that run their last segment at one level are contiguous.
+
+  Attributes:
+    name: family name (see FAMILIES).
+    ladder: level names; a level index q refers to ladder[q].
+    exits: block counts of the gates (exit positions).
+    start_levels: level indices a path may start at.
+    costs: the normalized cost table the costs below come from.
+    gate: [S] gate index of each state.
+    parent: [S] parent state index, -1 for roots (computed from the embedding).
+    level: [S] level index of the state's last segment.
+    start_level: [S] level index of the first segment.
+    switched: [S] whether the history contains a level change.
+    history: [S, num_blocks] level index per block, -1 beyond the state's depth.
+    cost: [S] cumulative cost: embedding, blocks, and the exit head of every gate
+      passed (each gate's head runs to take its decision).
+    candidates: per slot, None for EXIT or (level index, exit index).
+    cand_state: [S, C] state each candidate's exit reads (itself for EXIT); -1 invalid.
+    cand_cost: [S, C] additional cost ΔC of each candidate (0 where invalid).
+    cand_mask: [S, C] which candidates the state may take.
+  """
+
+  name: str
+  ladder: tuple[str, ...]
+  exits: tuple[int, ...]
+  start_levels: tuple[int, ...]
+  costs: CostTable
+  gate: np.ndarray
+  parent: np.ndarray
+  level: np.ndarray
+  start_level: np.ndarray
+  switched: np.ndarray
+  history: np.ndarray
+  cost: np.ndarray
+  candidates: tuple
+  cand_state: np.ndarray
+  cand_cost: np.ndarray
+  cand_mask: np.ndarray
+
+  @property
+  def num_states(self) -> int:
+    return len(self.gate)
+
+  @property
+  def num_gates(self) -> int:
+    return len(self.exits)
+
+  @property
+  def num_blocks(self) -> int:
+    return self.exits[-1]
+
+  def states_at(self, gate: int) -> np.ndarray:
+    return np.flatnonzero(self.gate == gate)
+
+  def path(self, state: int) -> list[int]:
+    """States from the root to `state`, inclusive."""
+    out = [state]
+    while self.parent[out[-1]] >= 0:
+      out.append(int(self.parent[out[-1]]))
+    return out[::-1]
+
+  def block_levels(self, state: int) -> list[str]:
+    """Level name of every block the state has run."""
+    return [self.ladder[q] for q in self.history[state] if q >= 0]
+
+  def find(self, levels: Sequence[str]) -> int:
+    """Index of the state whose per-block level history is `levels` (names)."""
+    try:
+      key = tuple(self.ladder.index(name) for name in levels)
+    except ValueError:
+      raise ValueError(f"levels: names must come from the ladder {self.ladder}, got {levels}")
+    depth = len(key)
+    for s in np.flatnonzero(np.asarray(self.exits)[self.gate] == depth):
+      if tuple(self.history[s, :depth]) == key:
+        return int(s)
+    raise ValueError(f"levels: no state of family {self.name!r} has history {list(levels)}")
+
+  def spec(self) -> dict:
+    """What determines the family (JSON-serializable); `from_spec` rebuilds it."""
+    return {"name": self.name, "ladder": list(self.ladder), "exits": list(self.exits),
+            "start_levels": list(self.start_levels), "costs": self.costs.to_dict()}
+
+
+def from_spec(spec: dict) -> PathFamily:
+  return build_family(spec["name"], spec["ladder"], tuple(spec["exits"]),
+                      CostTable.from_dict(spec["costs"]), tuple(spec["start_levels"]))
+
+
+def _next_levels(rule: str, gate: int, level: int, switched: bool, num_levels: int
+                 ) -> list[int]:
+  """Levels the segment after `gate` may run at, from a state at `gate`."""
+  free = (rule == "once" and not switched) or (rule == "first_gate" and gate == 0)
+  return list(range(num_levels)) if free else [level]
+
+
+def build_family(name: str, ladder: Sequence[str], exits: tuple[int, ...], costs: CostTable,
+                 start_levels: Sequence[int] | None = None) -> PathFamily:
+  """Builds the trie of `name` over `ladder` (names) and gates at `exits`.
+
+  Args:
+    name: one of FAMILIES.
+    ladder: level names, most precise first by convention.
+    exits: block counts after which an exit head sits (last = number of blocks).
+    costs: normalized costs of the same backbone and ladder.
+    start_levels: level indices a path may start at (default: every level).
+  """
+  if name not in _RULES:
+    raise ValueError(f"family: expected one of {FAMILIES}, got {name!r}")
+  ladder = tuple(str(q) for q in ladder)
+  exits = validate_exits(tuple(exits), costs.blocks.shape[0])
+  if ladder != tuple(costs.ladder):
+    raise ValueError(f"costs: computed for ladder {list(costs.ladder)}, not {list(ladder)}")
+  if len(costs.heads) != len(exits):
+    raise ValueError(f"costs: has {len(costs.heads)} exit heads, exits {exits} need {len(exits)}")
+  num_levels = len(ladder)
+  start_levels = tuple(range(num_levels)) if start_levels is None else tuple(start_levels)
+  if (not start_levels or len(set(start_levels)) != len(start_levels)
+      or any(not isinstance(q, (int, np.integer)) or not 0 <= q < num_levels
+             for q in start_levels)):
+    raise ValueError(f"start_levels: expected distinct level indices in [0, {num_levels}),"
+                     f" got {start_levels}")
+  start_levels = tuple(int(q) for q in start_levels)
+  rule, early_exit = _RULES[name]
+  num_gates, num_blocks = len(exits), exits[-1]
+  bounds = (0,) + exits
+
+  def seg_cost(gate, q):
+    return costs.blocks[bounds[gate]:bounds[gate + 1], q].sum() + costs.heads[gate]
+
+  # Each state: (gate, parent, level, start, switched, history tuple, cost).
+  states = [(0, -1, q, q, False, (q,) * exits[0], costs.embed + seg_cost(0, q))
+            for q in start_levels]
+  frontier = list(range(len(states)))
+  for gate in range(1, num_gates):
+    children = []
+    for p in frontier:
+      _, _, lp, start, switched, hist, cost = states[p]
+      for q in _next_levels(rule, gate - 1, lp, switched, num_levels):
+        seg = (q,) * (exits[gate] - exits[gate - 1])
+        children.append((gate, p, q, start, switched or q != lp, hist + seg,
+                         cost + seg_cost(gate, q)))
+    children.sort(key=lambda s: (s[2], s[1]))
+    frontier = list(range(len(states), len(states) + len(children)))
+    states.extend(children)
+
+  num_states = len(states)
+  history = np.full((num_states, num_blocks), -1, np.int32)
+  for s, st in enumerate(states):
+    history[s, :len(st[5])] = st[5]
+  cost = np.array([st[6] for st in states], np.float64)
+  index = {st[5]: s for s, st in enumerate(states)}
+
+  candidates = (None,) + tuple((q, m) for q in range(num_levels) for m in range(num_gates))
+  cand_state = np.full((num_states, len(candidates)), -1, np.int32)
+  for s, (gate, _, level, _, switched, hist, _) in enumerate(states):
+    if early_exit or gate == num_gates - 1:
+      cand_state[s, EXIT] = s
+    if gate == num_gates - 1:
+      continue  # the last gate always exits
+    targets = range(gate + 1, num_gates) if early_exit else [num_gates - 1]
+    for q in _next_levels(rule, gate, level, switched, num_levels):
+      for m in targets:
+        cand_state[s, 1 + q * num_gates + m] = index[hist + (q,) * (exits[m] - exits[gate])]
+  cand_mask = cand_state >= 0
+  cand_cost = np.where(cand_mask, cost[np.maximum(cand_state, 0)] - cost[:, None], 0.0)
+
+  return PathFamily(
+      name=name, ladder=ladder, exits=exits, start_levels=start_levels, costs=costs,
+      gate=np.array([st[0] for st in states], np.int32),
+      parent=np.array([st[1] for st in states], np.int32),
+      level=np.array([st[2] for st in states], np.int32),
+      start_level=np.array([st[3] for st in states], np.int32),
+      switched=np.array([st[4] for st in states], bool),
+      history=history, cost=cost, candidates=candidates,
+      cand_state=cand_state, cand_cost=cand_cost, cand_mask=cand_mask)

@@ -1,0 +1,176 @@
+"""Precision levels and the one place where quantization enters the models.
+
+A *level* is either float or a pair (weight bits, activation bits). Every
+matmul of a backbone goes through `dot_general`, `dense` or `einsum` below with
+the level it should run at, so the same float parameters run at any level
+inside one `jit`. AQT (aqtp, `aqt.jax.v2`) does the quantization; another
+backend such as qwix would replace it here and nowhere else.
+
+Quantization choices (post-training, no calibration data):
+  * weights: symmetric abs-max scale per output channel;
+  * activations: symmetric abs-max scale per token (the contracted axis), so a
+    sample's output never depends on its batch-mates: batched state tables and
+    the real adaptive runtime then agree sample by sample;
+  * every integer side is stored in an int8 container, so mixed pairs such as
+    w4a8 lower to one s8 x s8 -> s32 dot instead of a slow s32 one;
+  * attention QK^T and AV multiply two activations: both sides are quantized at
+    the activation bits (`einsum(..., both_activations=True)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+MIN_BITS = 2
+MAX_BITS = 8
+# Name scope that marks activation x activation matmuls, so the cost model can
+# charge them a_bits x a_bits instead of w_bits x a_bits.
+ACT_X_ACT_SCOPE = "quee_act_x_act"
+
+_LEVEL_RE = re.compile(r"^w(\d+)a(\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+  """A precision level: float (both bits None) or integer weights/activations."""
+
+  w_bits: int | None = None
+  a_bits: int | None = None
+
+  def __post_init__(self):
+    if (self.w_bits is None) != (self.a_bits is None):
+      raise ValueError(
+          "Level: w_bits and a_bits must both be set or both be None (float),"
+          f" got w_bits={self.w_bits}, a_bits={self.a_bits}")
+    for arg in ("w_bits", "a_bits"):
+      bits = getattr(self, arg)
+      if bits is None:
+        continue
+      if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ValueError(f"Level: {arg} must be an int, got {bits!r}")
+      if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(
+            f"Level: {arg} must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
+
+  @property
+  def is_float(self) -> bool:
+    return self.w_bits is None
+
+  @property
+  def name(self) -> str:
+    return "float" if self.is_float else f"w{self.w_bits}a{self.a_bits}"
+
+  def __str__(self) -> str:
+    return self.name
+
+
+FLOAT = Level()
+Ladder = tuple[Level, ...]
+
+
+def parse_level(level: str | Level) -> Level:
+  """Parses 'float' or 'w<bits>a<bits>' (e.g. 'w4a8'); a Level passes through."""
+  if isinstance(level, Level):
+    return level
+  if not isinstance(level, str):
+    raise ValueError(f"level: expected a name such as 'float' or 'w4a4', got {level!r}")
+  name = level.strip().lower()
+  if name == "float":
+    return FLOAT
+  match = _LEVEL_RE.match(name)
+  bits = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+  if not all(MIN_BITS <= b <= MAX_BITS for b in bits):
+    raise ValueError(
+        f"level: expected 'float' or 'w<bits>a<bits>' with bits in "
+        f"[{MIN_BITS}, {MAX_BITS}] (e.g. 'w8a8', 'w4a4'), got {level!r}")
+  return Level(*bits)
+
+
+def parse_ladder(levels: str | Sequence[str | Level]) -> Ladder:
+  """Parses an ordered ladder, e.g. 'float,w4a4,w2a4' or ['float', 'w4a4'].
+
+  The order is the user's (by convention most precise first); duplicates are
+  rejected since every level indexes a distinct set of states.
+  """
+  if isinstance(levels, str):
+    levels = [s for s in levels.split(",") if s.strip()]
+  ladder = tuple(parse_level(level) for level in levels)
+  if not ladder:
+    raise ValueError("ladder: expected at least one level, got none")
+  names = [level.name for level in ladder]
+  if len(set(names)) != len(names):
+    raise ValueError(f"ladder: levels must be distinct, got {names}")
+  return ladder
+
+
+def ladder_names(ladder: Ladder) -> list[str]:
+  return [level.name for level in ladder]
+
+
+def _aqt_config(lhs_bits: int, rhs_bits: int):
+  # Imported lazily: a float-only user never pays for (or depends on) AQT.
+  from aqt.jax.v2 import config as aqt_config  # pylint: disable=g-import-not-at-top
+
+  # bwd_bits=None: inference only, so no stochastic rounding and no PRNG key.
+  cfg = aqt_config.dot_general_make(lhs_bits=lhs_bits, rhs_bits=rhs_bits,
+                                    bwd_bits=None)
+  # AQT picks int4 containers for 4 bits; int8 everywhere keeps one fast
+  # s8 x s8 -> s32 dot for every pair of bit widths.
+  for quantizer in (cfg.fwd.dg_quantizer.lhs, cfg.fwd.dg_quantizer.rhs):
+    quantizer.numerics.dtype = jnp.int8
+  return cfg
+
+
+@functools.cache
+def _aqt_dot_general(lhs_bits: int, rhs_bits: int) -> Callable:
+  cfg = _aqt_config(lhs_bits, rhs_bits)
+
+  def dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    del precision, preferred_element_type  # AQT decides both
+    # AQT asserts jax arrays; numpy operands (e.g. loaded weights) are common.
+    return cfg(jnp.asarray(lhs), jnp.asarray(rhs), dimension_numbers)
+
+  return dot
+
+
+def dot_general(level: Level, *, both_activations: bool = False) -> Callable:
+  """A `lax.dot_general`-compatible function at `level` (lhs = activations).
+
+  `float` returns `lax.dot_general` itself: no AQT code runs at that level.
+  """
+  if level.is_float:
+    return lax.dot_general
+  rhs_bits = level.a_bits if both_activations else level.w_bits
+  return _aqt_dot_general(level.a_bits, rhs_bits)
+
+
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
+          level: Level) -> jax.Array:
+  """x @ kernel + bias with the matmul at `level` (kernel: [in, out])."""
+  dims = (((x.ndim - 1,), (0,)), ((), ()))
+  y = dot_general(level)(x, kernel, dims)
+  return y if bias is None else y + bias
+
+
+def einsum(eqn: str, lhs: jax.Array, rhs: jax.Array, level: Level, *,
+           both_activations: bool = False) -> jax.Array:
+  """A two-operand einsum at `level`; set both_activations for QK^T and AV."""
+  if both_activations:
+    with jax.named_scope(ACT_X_ACT_SCOPE):
+      return _einsum(eqn, lhs, rhs, level, both_activations)
+  return _einsum(eqn, lhs, rhs, level, both_activations)
+
+
+def _einsum(eqn, lhs, rhs, level, both_activations):
+  if level.is_float:
+    return jnp.einsum(eqn, lhs, rhs)
+  from aqt.jax.v2 import aqt_dot_general  # pylint: disable=g-import-not-at-top
+  return aqt_dot_general.einsum(
+      eqn, lhs, rhs, dg=dot_general(level, both_activations=both_activations))

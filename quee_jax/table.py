@@ -1,0 +1,119 @@
+"""State tables: what every state of a path family does on every sample.
+
+Saved as a directory with `arrays.npz` (the arrays) and `meta.json` (family
+spec, ladder, backbone config, extras); written to temporary names and renamed,
+so an interrupted save never leaves a table that loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from quee_jax import paths
+from quee_jax.paths import PathFamily
+
+FEATURES = ("max_prob", "margin", "entropy", "kl_parent", "agree_parent")
+FORMAT_VERSION = 1
+_FAMILY_ARRAYS = ("gate", "parent", "level", "history", "cost", "cand_state", "cand_cost")
+
+
+@dataclasses.dataclass(eq=False)
+class StateTable:
+  """Per state s and sample n: prediction, correctness and softmax features.
+
+  Attributes:
+    family: the path family whose states index the first axis.
+    labels: [N] int32 true labels.
+    pred: [S, N] int32 predicted class of the state's exit.
+    correct: [S, N] bool.
+    features: name -> [S, N] float32, names in FEATURES.
+    logits: [S, N, C] float32 or None.
+    backbone: the backbone's config.
+    meta: extra metadata (dataset, split, ...).
+  """
+
+  family: PathFamily
+  labels: np.ndarray
+  pred: np.ndarray
+  correct: np.ndarray
+  features: dict[str, np.ndarray]
+  logits: np.ndarray | None
+  backbone: dict
+  meta: dict
+
+  @property
+  def num_states(self) -> int:
+    return self.pred.shape[0]
+
+  @property
+  def num_samples(self) -> int:
+    return self.pred.shape[1]
+
+  def accuracy(self) -> np.ndarray:
+    """[S] accuracy of every state's exit."""
+    return self.correct.mean(axis=1)
+
+
+def _check_dir(path: str) -> None:
+  for name in ("arrays.npz", "meta.json"):
+    if not os.path.exists(os.path.join(path, name)):
+      raise ValueError(f"path: {path!r} holds no state table (missing {name})")
+
+
+def save_table(table: StateTable, path: str) -> None:
+  """Writes `table` to the directory `path` (created if needed)."""
+  os.makedirs(path, exist_ok=True)
+  arrays = {"labels": table.labels, "pred": table.pred, "correct": table.correct,
+            **{f"feature/{k}": v for k, v in table.features.items()},
+            **{f"family/{k}": getattr(table.family, k) for k in _FAMILY_ARRAYS}}
+  if table.logits is not None:
+    arrays["logits"] = table.logits
+  meta = {"format_version": FORMAT_VERSION, "family": table.family.spec(),
+          "ladder": list(table.family.ladder), "backbone": table.backbone, "meta": table.meta,
+          "num_states": table.num_states, "num_samples": table.num_samples}
+  for name, write in (("arrays.npz", lambda f: np.savez_compressed(f, **arrays)),
+                      ("meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))):
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.")
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+    os.replace(tmp, os.path.join(path, name))
+
+
+def load_table(path: str, *, ladder: list[str] | tuple[str, ...] | None = None,
+               family: str | None = None) -> StateTable:
+  """Reads a table saved by `save_table`.
+
+  Args:
+    path: the table's directory.
+    ladder: if given, the level names the table must have been collected with.
+    family: if given, the family name it must have been collected with.
+  """
+  _check_dir(path)
+  with open(os.path.join(path, "meta.json")) as f:
+    meta = json.load(f)
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"path: table format {meta.get('format_version')} at {path!r},"
+                     f" this version reads {FORMAT_VERSION}")
+  spec = meta["family"]
+  if ladder is not None and [str(q) for q in ladder] != spec["ladder"]:
+    raise ValueError(f"ladder: the table at {path!r} was collected with ladder"
+                     f" {spec['ladder']}, not {[str(q) for q in ladder]}")
+  if family is not None and family != spec["name"]:
+    raise ValueError(f"family: the table at {path!r} was collected with family"
+                     f" {spec['name']!r}, not {family!r}")
+  fam = paths.from_spec(spec)
+  with np.load(os.path.join(path, "arrays.npz")) as z:
+    arrays = {k: z[k] for k in z.files}
+  for k in _FAMILY_ARRAYS:
+    if not np.array_equal(arrays[f"family/{k}"], getattr(fam, k)):
+      raise ValueError(f"path: the table at {path!r} disagrees with its family spec on {k!r}"
+                       " (written by another version of quee_jax?)")
+  return StateTable(
+      family=fam, labels=arrays["labels"], pred=arrays["pred"], correct=arrays["correct"],
+      features={k: arrays[f"feature/{k}"] for k in FEATURES}, logits=arrays.get("logits"),
+      backbone=meta["backbone"], meta=meta["meta"])

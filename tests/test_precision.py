@@ -1,0 +1,121 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import quee_jax as q
+from quee_jax import precision
+from conftest import TINY, images
+
+
+@pytest.mark.parametrize("name,bits", [("float", (None, None)), ("w8a8", (8, 8)),
+                                       ("W4A8", (4, 8)), ("w2a4", (2, 4)), (" w3a3 ", (3, 3))])
+def test_parse_level(name, bits):
+  level = q.parse_level(name)
+  assert (level.w_bits, level.a_bits) == bits
+  assert q.parse_level(level.name) == level
+
+
+@pytest.mark.parametrize("bad", ["w4", "w0a8", "w9a4", "w4a1", "float16", "int8", "", "w4a4x", 4, None])
+def test_bad_level_names_raise(bad):
+  with pytest.raises(ValueError, match="level"):
+    q.parse_level(bad)
+
+
+@pytest.mark.parametrize("w,a", [(0, 8), (9, 8), (4, None), (4, 2.0), (True, 4)])
+def test_bad_bits_raise(w, a):
+  with pytest.raises(ValueError, match="bits"):
+    q.Level(w, a)
+
+
+def test_parse_ladder():
+  assert [l.name for l in q.parse_ladder("float, w4a4,w2a4")] == ["float", "w4a4", "w2a4"]
+  for bad in ["", "float,float", "float,w4"]:
+    with pytest.raises(ValueError):
+      q.parse_ladder(bad)
+
+
+def test_float_level_bypasses_aqt():
+  assert precision.dot_general(q.FLOAT) is jax.lax.dot_general
+  params = q.vit.init(jax.random.key(0), TINY)
+  h = jnp.zeros((2, TINY.num_tokens, TINY.dim))
+  jaxpr = str(jax.make_jaxpr(lambda h: q.vit.block(params, 0, h, q.FLOAT, TINY))(h))
+  assert "int8" not in jaxpr and "round" not in jaxpr
+  quantized = str(jax.make_jaxpr(lambda h: q.vit.block(params, 0, h, q.parse_level("w4a4"), TINY))(h))
+  assert "round" in quantized and "i8" in quantized
+
+
+@pytest.mark.parametrize("level", ["w8a8", "w4a8", "w2a4"])
+def test_quantized_dense_is_one_int8_dot(level):
+  x, w = jnp.ones((4, 32)), jnp.ones((32, 8))
+  hlo = jax.jit(lambda x, w: precision.dense(x, w, None, q.parse_level(level))).lower(x, w).as_text()
+  dots = [line for line in hlo.splitlines() if "dot_general" in line]
+  assert len(dots) == 1 and "xi8" in dots[0] and "xi32" in dots[0], dots
+
+
+def test_weights_per_channel_activations_per_token():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 32)).astype(np.float32)
+  w = rng.normal(size=(32, 4)).astype(np.float32)
+  level = q.parse_level("w4a4")
+  y = precision.dense(x, w, None, level)
+  # A row's output does not depend on the other rows (per-token scale; the
+  # float dequantization may round differently by an ulp across shapes) ...
+  np.testing.assert_allclose(precision.dense(x[2:3], w, None, level), y[2:3], rtol=1e-6)
+  # ... and a column's on the other columns (per-channel scale).
+  w2 = w.copy()
+  w2[:, 0] *= 100.0
+  np.testing.assert_allclose(precision.dense(x, w2, None, level)[:, 1:], y[:, 1:], rtol=1e-6)
+
+
+def _plain_forward(params, x, cfg):
+  """An independent plain-jnp float forward: the reference the float level must match."""
+  def ln(v, p):
+    m = jnp.mean(v, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(v - m), axis=-1, keepdims=True)
+    return (v - m) * jax.lax.rsqrt(var + 1e-6) * p["scale"] + p["bias"]
+  b, p = x.shape[0], cfg.patch
+  g = cfg.image_size // p
+  patches = x.reshape(b, g, p, g, p, cfg.channels).transpose(0, 1, 3, 2, 4, 5)
+  patches = patches.reshape(b, g * g, p * p * cfg.channels)
+  h = patches @ params["embedding"]["kernel"] + params["embedding"]["bias"]
+  h = jnp.concatenate([jnp.broadcast_to(params["cls"], (b, 1, cfg.dim)), h], 1)
+  h = h + params["pos_embedding"][0]
+  dh = cfg.dim // cfg.heads
+  outs = []
+  for i, blk in enumerate(params["blocks"]):
+    y = ln(h, blk["ln1"]) @ blk["qkv"]["kernel"] + blk["qkv"]["bias"]
+    qq, kk, vv = (t.reshape(b, -1, cfg.heads, dh) for t in jnp.split(y, 3, -1))
+    att = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", qq * dh ** -0.5, kk), -1)
+    y = jnp.einsum("bhqk,bkhd->bqhd", att, vv).reshape(b, -1, cfg.dim)
+    h = h + (y @ blk["out"]["kernel"] + blk["out"]["bias"])
+    y = jax.nn.gelu(ln(h, blk["ln2"]) @ blk["mlp1"]["kernel"] + blk["mlp1"]["bias"])
+    h = h + (y @ blk["mlp2"]["kernel"] + blk["mlp2"]["bias"])
+    head = params["heads"][i]
+    outs.append(ln(h[:, 0], head["norm"]) @ head["dense"]["kernel"] + head["dense"]["bias"])
+  return jnp.stack(outs)
+
+
+def test_float_level_equals_plain_forward_bit_for_bit(tiny):
+  cfg, params, _ = tiny
+  x = jnp.asarray(images(9))
+  got, _ = jax.jit(lambda p, x: q.vit.forward(p, x, cfg, "float"))(params, x)
+  want = jax.jit(lambda p, x: _plain_forward(p, x, cfg))(params, x)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_quantization_error_shrinks_with_bits():
+  cfg = q.vit.ViTConfig(image_size=16, channels=3, patch=4, dim=64, depth=2, heads=4,
+                        mlp_dim=128, num_classes=10)
+  params = q.vit.init(jax.random.key(1), cfg)
+  x = jnp.asarray(images(64, cfg))
+  ref, _ = q.vit.forward(params, x, cfg, "float")
+
+  def rel_err(level):
+    out, _ = q.vit.forward(params, x, cfg, level)
+    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+  errs = {name: rel_err(name) for name in ["w2a8", "w4a4", "w4a8", "w8a8"]}
+  assert errs["w2a8"] > errs["w4a4"] > errs["w8a8"] > 0, errs
+  assert errs["w4a4"] > errs["w4a8"] > errs["w8a8"], errs
+  assert errs["w8a8"] < 0.05, errs
