@@ -30,6 +30,9 @@ class Backbone(NamedTuple):
       independent (per-token activation scales), so states can be batched.
     exit_head: `exit_head(params, e, h) -> logits`: exit e (index into exits).
     config: JSON-serializable description, stored in table metadata.
+    summary: optional `summary(params, e, h) -> [..., D]`: a vector per sample
+      describing the hidden state at exit e (the ViT's normalized class token);
+      tables keep a low-dimensional projection of it as predictor input.
   """
 
   num_blocks: int
@@ -39,6 +42,7 @@ class Backbone(NamedTuple):
   block: Callable[[Params, int, jax.Array, Level], jax.Array]
   exit_head: Callable[[Params, int, jax.Array], jax.Array]
   config: dict
+  summary: Callable[[Params, int, jax.Array], jax.Array] | None = None
 
 
 def validate_exits(exits: tuple[int, ...], num_blocks: int, arg: str = "exits"

@@ -58,9 +58,23 @@ def default_rows_per_call() -> int:
   return 256 if jax.default_backend() == "cpu" else 2**31
 
 
-def state_logits(backbone: Backbone, family: PathFamily, params: Params,
-                 inputs: jax.Array, rows_per_call: int | None = None) -> jax.Array:
-  """Logits of every state of `family` for a batch: [num_states, batch, classes].
+def summary_projection(width: int, dim: int) -> np.ndarray:
+  """A fixed random orthonormal [width, dim] projection (seed 0) for exit summaries."""
+  if dim > width:
+    raise ValueError(f"summary_dim: at most the summary width {width}, got {dim}")
+  q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(width, dim)))
+  return q.astype(np.float32)
+
+
+def state_outputs(backbone: Backbone, family: PathFamily, params: Params, inputs: jax.Array,
+                  rows_per_call: int | None = None, summary_dim: int = 0
+                  ) -> tuple[jax.Array, jax.Array | None]:
+  """Every state of `family` for a batch.
+
+  Returns:
+    logits [num_states, batch, classes], and when summary_dim > 0 (and the
+    backbone has a `summary`) a fixed random projection of each state's exit
+    summary, [num_states, batch, summary_dim]; else None.
 
   rows_per_call: chunk each stack of states so a block call holds about this
     many samples x states (None: `default_rows_per_call()`).
@@ -83,7 +97,8 @@ def state_logits(backbone: Backbone, family: PathFamily, params: Params,
       return jax.vmap(segment)(h)
     return jax.lax.map(segment, h, batch_size=chunk)
 
-  logits, hidden, offset = [], None, 0
+  want_summary = summary_dim > 0 and backbone.summary is not None
+  logits, summaries, hidden, offset = [], [], None, 0
   for gate in range(family.num_gates):
     states = family.states_at(gate)
     groups = []
@@ -97,23 +112,28 @@ def state_logits(backbone: Backbone, family: PathFamily, params: Params,
     offset = states[0]
     hidden = jnp.concatenate(groups) if len(groups) > 1 else groups[0]
     logits.append(jax.vmap(lambda x, g=gate: backbone.exit_head(params, g, x))(hidden))
-  return jnp.concatenate(logits)
+    if want_summary:
+      summary = jax.vmap(lambda x, g=gate: backbone.summary(params, g, x))(hidden)
+      proj = summary_projection(summary.shape[-1], summary_dim)
+      summaries.append(summary.astype(jnp.float32) @ proj)
+  return jnp.concatenate(logits), (jnp.concatenate(summaries) if want_summary else None)
 
 
 def make_collect_fn(backbone: Backbone, family: PathFamily, keep_logits: bool = False,
-                    rows_per_call: int | None = None
+                    rows_per_call: int | None = None, summary_dim: int = 0
                     ) -> Callable[[Params, jax.Array, jax.Array], dict[str, jax.Array]]:
   """A function (params, inputs [B, ...], labels [B]) -> per-state outputs [S, B].
 
-  Outputs: pred (int32), correct (bool), every name in FEATURES (float32), and
-  logits [S, B, C] when keep_logits. Not jitted: `collect_table` jits it with
-  the shardings of its device mesh. rows_per_call: see `state_logits`.
+  Outputs: pred (int32), correct (bool), every name in FEATURES (float32),
+  logits [S, B, C] when keep_logits, summary [S, B, summary_dim] when asked.
+  Not jitted: `collect_table` jits it with the shardings of its device mesh.
+  rows_per_call, summary_dim: see `state_outputs`.
   """
   parent = np.maximum(family.parent, 0)
   is_root = (family.parent < 0)[:, None]
 
   def fn(params, inputs, labels):
-    logits = state_logits(backbone, family, params, inputs, rows_per_call)
+    logits, summary = state_outputs(backbone, family, params, inputs, rows_per_call, summary_dim)
     feats = softmax_features(logits, logits[parent])
     feats["kl_parent"] = jnp.where(is_root, 0.0, feats["kl_parent"])
     feats["agree_parent"] = jnp.where(is_root, 1.0, feats["agree_parent"])
@@ -121,6 +141,8 @@ def make_collect_fn(backbone: Backbone, family: PathFamily, keep_logits: bool = 
     out = {"pred": pred, "correct": pred == labels[None, :], **feats}
     if keep_logits:
       out["logits"] = logits.astype(jnp.float32)
+    if summary is not None:
+      out["summary"] = summary
     return out
 
   return fn
@@ -148,8 +170,8 @@ def _check_family(backbone: Backbone, family: PathFamily) -> None:
 def collect_table(backbone: Backbone, params: Params, family: PathFamily,
                   inputs: np.ndarray, labels: np.ndarray, batch_size: int = 128, *,
                   keep_logits: bool = False, devices: list | None = None,
-                  rows_per_call: int | None = None, progress: bool = True,
-                  meta: dict | None = None) -> StateTable:
+                  rows_per_call: int | None = None, summary_dim: int = 8,
+                  progress: bool = True, meta: dict | None = None) -> StateTable:
   """Streams a dataset through every state of `family`; returns the state table.
 
   Args:
@@ -164,7 +186,9 @@ def collect_table(backbone: Backbone, params: Params, family: PathFamily,
     devices: devices to shard each batch over (default: all local devices).
     rows_per_call: samples x states per block call on each device (None:
       `default_rows_per_call()`); a speed knob, results do not depend on it.
-    progress: show a progress bar.
+    summary_dim: keep this many dimensions of a fixed random projection of each
+      state's exit summary (0: none; ignored for backbones without `summary`).
+    progress: show a progress bar (on terminals).
     meta: extra JSON-serializable metadata stored with the table (e.g. dataset).
   """
   _check_family(backbone, family)
@@ -193,7 +217,9 @@ def collect_table(backbone: Backbone, params: Params, family: PathFamily,
   if isinstance(rows_per_call, bool) or not isinstance(rows_per_call, int) or rows_per_call < 1:
     raise ValueError(f"rows_per_call: expected a positive int or None, got {rows_per_call!r}")
   rows_per_call *= len(devices)  # the chunk is sized on each device's shard
-  step = jax.jit(make_collect_fn(backbone, family, keep_logits, rows_per_call),
+  if isinstance(summary_dim, bool) or not isinstance(summary_dim, int) or summary_dim < 0:
+    raise ValueError(f"summary_dim: expected a non-negative int, got {summary_dim!r}")
+  step = jax.jit(make_collect_fn(backbone, family, keep_logits, rows_per_call, summary_dim),
                  in_shardings=(replicated, by_sample, by_sample), out_shardings=per_state)
   params = jax.device_put(params, replicated)
 
@@ -206,7 +232,7 @@ def collect_table(backbone: Backbone, params: Params, family: PathFamily,
 
   num_batches = -(-len(labels) // batch_size)
   for x, y, valid in tqdm(padded_batches(inputs, labels, batch_size), total=num_batches,
-                          desc=f"collect {family.name}", disable=not progress):
+                          desc=f"collect {family.name}", disable=None if progress else True):
     out = step(params, jax.device_put(x, by_sample), jax.device_put(y, by_sample))
     if pending is not None:
       fetch(pending)
@@ -217,4 +243,5 @@ def collect_table(backbone: Backbone, params: Params, family: PathFamily,
   return StateTable(
       family=family, labels=labels.astype(np.int32), pred=cat["pred"], correct=cat["correct"],
       features={name: cat[name] for name in FEATURES}, logits=cat.get("logits"),
+      summary=cat.get("summary"),
       backbone=dict(backbone.config), meta=dict(meta or {}))

@@ -59,8 +59,11 @@ class PathFamily:
     start_level: [S] level index of the first segment.
     switched: [S] whether the history contains a level change.
     history: [S, num_blocks] level index per block, -1 beyond the state's depth.
-    cost: [S] cumulative cost: embedding, blocks, and the exit head of every gate
-      passed (each gate's head runs to take its decision).
+    cost: [S] cumulative cost: embedding, blocks, and the exit head (plus the
+      gate overhead, e.g. a predictor) of every gate passed: each gate's head
+      runs to take its decision.
+    gate_overhead: [G] cost charged at each gate besides its exit head.
+    child: [S, Q] the state one segment on at level q, -1 where not allowed.
     candidates: per slot, None for EXIT or (level index, exit index).
     cand_state: [S, C] state each candidate's exit reads (itself for EXIT); -1 invalid.
     cand_cost: [S, C] additional cost ΔC of each candidate (0 where invalid).
@@ -72,6 +75,7 @@ class PathFamily:
   exits: tuple[int, ...]
   start_levels: tuple[int, ...]
   costs: CostTable
+  gate_overhead: np.ndarray
   gate: np.ndarray
   parent: np.ndarray
   level: np.ndarray
@@ -79,6 +83,7 @@ class PathFamily:
   switched: np.ndarray
   history: np.ndarray
   cost: np.ndarray
+  child: np.ndarray
   candidates: tuple
   cand_state: np.ndarray
   cand_cost: np.ndarray
@@ -125,12 +130,19 @@ class PathFamily:
   def spec(self) -> dict:
     """What determines the family (JSON-serializable); `from_spec` rebuilds it."""
     return {"name": self.name, "ladder": list(self.ladder), "exits": list(self.exits),
-            "start_levels": list(self.start_levels), "costs": self.costs.to_dict()}
+            "start_levels": list(self.start_levels), "costs": self.costs.to_dict(),
+            "gate_overhead": self.gate_overhead.tolist()}
+
+  def with_gate_overhead(self, gate_overhead: Sequence[float]) -> "PathFamily":
+    """The same family with another per-gate overhead (e.g. a predictor's cost)."""
+    return build_family(self.name, self.ladder, self.exits, self.costs, self.start_levels,
+                        gate_overhead)
 
 
 def from_spec(spec: dict) -> PathFamily:
   return build_family(spec["name"], spec["ladder"], tuple(spec["exits"]),
-                      CostTable.from_dict(spec["costs"]), tuple(spec["start_levels"]))
+                      CostTable.from_dict(spec["costs"]), tuple(spec["start_levels"]),
+                      spec.get("gate_overhead"))
 
 
 def _next_levels(rule: str, gate: int, level: int, switched: bool, num_levels: int
@@ -141,7 +153,8 @@ def _next_levels(rule: str, gate: int, level: int, switched: bool, num_levels: i
 
 
 def build_family(name: str, ladder: Sequence[str], exits: tuple[int, ...], costs: CostTable,
-                 start_levels: Sequence[int] | None = None) -> PathFamily:
+                 start_levels: Sequence[int] | None = None,
+                 gate_overhead: Sequence[float] | None = None) -> PathFamily:
   """Builds the trie of `name` over `ladder` (names) and gates at `exits`.
 
   Args:
@@ -150,6 +163,8 @@ def build_family(name: str, ladder: Sequence[str], exits: tuple[int, ...], costs
     exits: block counts after which an exit head sits (last = number of blocks).
     costs: normalized costs of the same backbone and ladder.
     start_levels: level indices a path may start at (default: every level).
+    gate_overhead: cost charged at each gate besides its exit head, e.g. the
+      predictor that takes the decision there (default 0).
   """
   if name not in _RULES:
     raise ValueError(f"family: expected one of {FAMILIES}, got {name!r}")
@@ -167,12 +182,15 @@ def build_family(name: str, ladder: Sequence[str], exits: tuple[int, ...], costs
     raise ValueError(f"start_levels: expected distinct level indices in [0, {num_levels}),"
                      f" got {start_levels}")
   start_levels = tuple(int(q) for q in start_levels)
+  overhead = np.zeros(len(exits)) if gate_overhead is None else np.asarray(gate_overhead, np.float64)
+  if overhead.shape != (len(exits),) or (overhead < 0).any():
+    raise ValueError(f"gate_overhead: expected {len(exits)} non-negative costs, got {gate_overhead}")
   rule, early_exit = _RULES[name]
   num_gates, num_blocks = len(exits), exits[-1]
   bounds = (0,) + exits
 
   def seg_cost(gate, q):
-    return costs.blocks[bounds[gate]:bounds[gate + 1], q].sum() + costs.heads[gate]
+    return costs.blocks[bounds[gate]:bounds[gate + 1], q].sum() + costs.heads[gate] + overhead[gate]
 
   # Each state: (gate, parent, level, start, switched, history tuple, cost).
   states = [(0, -1, q, q, False, (q,) * exits[0], costs.embed + seg_cost(0, q))
@@ -208,15 +226,20 @@ def build_family(name: str, ladder: Sequence[str], exits: tuple[int, ...], costs
     for q in _next_levels(rule, gate, level, switched, num_levels):
       for m in targets:
         cand_state[s, 1 + q * num_gates + m] = index[hist + (q,) * (exits[m] - exits[gate])]
+  child = np.full((num_states, num_levels), -1, np.int32)
+  for s, (gate, parent, level, *_) in enumerate(states):
+    if parent >= 0:
+      child[parent, level] = s
   cand_mask = cand_state >= 0
   cand_cost = np.where(cand_mask, cost[np.maximum(cand_state, 0)] - cost[:, None], 0.0)
 
   return PathFamily(
       name=name, ladder=ladder, exits=exits, start_levels=start_levels, costs=costs,
+      gate_overhead=overhead,
       gate=np.array([st[0] for st in states], np.int32),
       parent=np.array([st[1] for st in states], np.int32),
       level=np.array([st[2] for st in states], np.int32),
       start_level=np.array([st[3] for st in states], np.int32),
       switched=np.array([st[4] for st in states], bool),
-      history=history, cost=cost, candidates=candidates,
+      history=history, cost=cost, child=child, candidates=candidates,
       cand_state=cand_state, cand_cost=cand_cost, cand_mask=cand_mask)

@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from aqt.jax.v2 import aqt_dot_general
+from aqt.jax.v2 import config as aqt_config
 from jax import lax
 
 MIN_BITS = 2
@@ -115,9 +117,6 @@ def ladder_names(ladder: Ladder) -> list[str]:
 
 
 def _aqt_config(lhs_bits: int, rhs_bits: int):
-  # Imported lazily: a float-only user never pays for (or depends on) AQT.
-  from aqt.jax.v2 import config as aqt_config  # pylint: disable=g-import-not-at-top
-
   # bwd_bits=None: inference only, so no stochastic rounding and no PRNG key.
   cfg = aqt_config.dot_general_make(lhs_bits=lhs_bits, rhs_bits=rhs_bits,
                                     bwd_bits=None)
@@ -171,6 +170,5 @@ def einsum(eqn: str, lhs: jax.Array, rhs: jax.Array, level: Level, *,
 def _einsum(eqn, lhs, rhs, level, both_activations):
   if level.is_float:
     return jnp.einsum(eqn, lhs, rhs)
-  from aqt.jax.v2 import aqt_dot_general  # pylint: disable=g-import-not-at-top
   return aqt_dot_general.einsum(
       eqn, lhs, rhs, dg=dot_general(level, both_activations=both_activations))

@@ -33,6 +33,7 @@ class StateTable:
     correct: [S, N] bool.
     features: name -> [S, N] float32, names in FEATURES.
     logits: [S, N, C] float32 or None.
+    summary: [S, N, k] float32 projection of each state's exit summary, or None.
     backbone: the backbone's config.
     meta: extra metadata (dataset, split, ...).
   """
@@ -45,6 +46,7 @@ class StateTable:
   logits: np.ndarray | None
   backbone: dict
   meta: dict
+  summary: np.ndarray | None = None
 
   @property
   def num_states(self) -> int:
@@ -57,6 +59,27 @@ class StateTable:
   def accuracy(self) -> np.ndarray:
     """[S] accuracy of every state's exit."""
     return self.correct.mean(axis=1)
+
+  def restrict(self, family: PathFamily) -> "StateTable":
+    """The table of `family`, whose histories must all be states of this table.
+
+    E.g. exit_only and constant tables from a switch_once table, without
+    collecting again; also re-costs states when `family` has other costs.
+    """
+    own = {tuple(h[h >= 0]): s for s, h in enumerate(self.family.history)}
+    try:
+      idx = np.array([own[tuple(h[h >= 0])] for h in family.history])
+    except KeyError as e:
+      raise ValueError(f"family: {family.name!r} has a history the {self.family.name!r} table"
+                       f" lacks: {[family.ladder[q] for q in e.args[0]]}") from None
+    if family.ladder != self.family.ladder:
+      raise ValueError(f"family: ladder {family.ladder} differs from the table's {self.family.ladder}")
+    take = lambda a: None if a is None else a[idx]
+    return StateTable(family=family, labels=self.labels, pred=self.pred[idx],
+                      correct=self.correct[idx],
+                      features={k: v[idx] for k, v in self.features.items()},
+                      logits=take(self.logits), backbone=self.backbone, meta=self.meta,
+                      summary=take(self.summary))
 
 
 def _check_dir(path: str) -> None:
@@ -71,8 +94,9 @@ def save_table(table: StateTable, path: str) -> None:
   arrays = {"labels": table.labels, "pred": table.pred, "correct": table.correct,
             **{f"feature/{k}": v for k, v in table.features.items()},
             **{f"family/{k}": getattr(table.family, k) for k in _FAMILY_ARRAYS}}
-  if table.logits is not None:
-    arrays["logits"] = table.logits
+  for name in ("logits", "summary"):
+    if getattr(table, name) is not None:
+      arrays[name] = getattr(table, name)
   meta = {"format_version": FORMAT_VERSION, "family": table.family.spec(),
           "ladder": list(table.family.ladder), "backbone": table.backbone, "meta": table.meta,
           "num_states": table.num_states, "num_samples": table.num_samples}
@@ -116,4 +140,4 @@ def load_table(path: str, *, ladder: list[str] | tuple[str, ...] | None = None,
   return StateTable(
       family=fam, labels=arrays["labels"], pred=arrays["pred"], correct=arrays["correct"],
       features={k: arrays[f"feature/{k}"] for k in FEATURES}, logits=arrays.get("logits"),
-      backbone=meta["backbone"], meta=meta["meta"])
+      backbone=meta["backbone"], meta=meta["meta"], summary=arrays.get("summary"))

@@ -28,8 +28,11 @@ def test_state_logits_equal_a_forward_along_the_path(tiny, name):
   for s in rng.choice(fam.num_states, size=min(8, fam.num_states), replace=False):
     levels = fam.block_levels(s)
     levels += [levels[-1]] * (cfg.depth - len(levels))  # blocks past the state don't matter
-    want, _ = q.vit.forward(params, jnp.asarray(x), cfg, levels)
+    want, inter = q.vit.forward(params, jnp.asarray(x), cfg, levels)
     np.testing.assert_allclose(table.logits[s], want[fam.gate[s]], atol=1e-5, rtol=1e-5)
+    h = inter[f"block_{cfg.exits[fam.gate[s]]}"]
+    summary = q.vit.exit_summary(params, fam.gate[s], h) @ q.collect.summary_projection(cfg.dim, 8)
+    np.testing.assert_allclose(table.summary[s], summary, atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(table.pred[s], np.argmax(want[fam.gate[s]], -1))
     np.testing.assert_array_equal(table.correct[s], table.pred[s] == y)
 
@@ -57,6 +60,7 @@ def test_batch_independence_every_level_every_state(tiny):
     for other in (batched, padded):
       np.testing.assert_array_equal(alone.pred[:, 0], other.pred[:, i])
       np.testing.assert_allclose(alone.logits[:, 0], other.logits[:, i], atol=1e-5, rtol=0)
+      np.testing.assert_allclose(alone.summary[:, 0], other.summary[:, i], atol=1e-5, rtol=0)
       for k, v in alone.features.items():
         np.testing.assert_allclose(v[:, 0], other.features[k][:, i], atol=1e-5, err_msg=k)
   assert {fam.ladder[lvl] for lvl in fam.level} == set(LADDER.split(","))
@@ -120,7 +124,8 @@ def test_save_load_round_trip(tiny, tmp_path):
   table = collect(bb, params, fam, images(5), labels(5), batch_size=4, meta={"split": "fit"})
   q.save_table(table, str(tmp_path / "t"))
   back = q.load_table(str(tmp_path / "t"), ladder=["float", "w4a4"], family="constant")
-  for k in ("labels", "pred", "correct", "logits"):
+  assert table.summary.shape == (fam.num_states, 5, 8)
+  for k in ("labels", "pred", "correct", "logits", "summary"):
     np.testing.assert_array_equal(getattr(back, k), getattr(table, k))
     assert getattr(back, k).dtype == getattr(table, k).dtype
   for k in q.FEATURES:

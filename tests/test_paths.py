@@ -149,3 +149,19 @@ def test_bad_arguments_raise():
     q.build_family("switch_once", LEVELS[:3], (1, 2, 3), c)
   with pytest.raises(ValueError, match="levels"):
     family("switch_once").find(["float", "w3a3"])
+
+
+def test_children_and_gate_overhead():
+  fam = family("switch_once", 3, (1, 2, 4, 5))
+  for s in range(fam.num_states):
+    for lvl in range(3):
+      c = fam.child[s, lvl]
+      if c >= 0:
+        assert fam.parent[c] == s and fam.level[c] == lvl and fam.gate[c] == fam.gate[s] + 1
+  switched = fam.find(["float", "w4a4"])
+  assert (fam.child[switched] >= 0).tolist() == [False, False, True]
+  heavier = fam.with_gate_overhead([0.01, 0.01, 0.01, 0.0])
+  np.testing.assert_allclose(heavier.cost - fam.cost, 0.01 * (heavier.gate + 1).clip(max=3))
+  assert q.paths.from_spec(heavier.spec()).cost.tolist() == heavier.cost.tolist()
+  with pytest.raises(ValueError, match="gate_overhead"):
+    fam.with_gate_overhead([0.1, 0.1])

@@ -150,20 +150,39 @@ def attention(p: Params, x: jax.Array, cfg: ViTConfig, level: Level) -> jax.Arra
   return precision.dense(out, p["out"]["kernel"], p["out"]["bias"], level)
 
 
-def block(params: Params, i: int, h: jax.Array, level: Level, cfg: ViTConfig) -> jax.Array:
-  """Block i (0-based) at `level`; every leading axis of h is a batch axis."""
+def _drop_path(y: jax.Array, key: jax.Array, rate: float) -> jax.Array:
+  """Stochastic depth: zero a residual branch per sample with probability rate."""
+  keep = jax.random.bernoulli(key, 1.0 - rate, y.shape[:-2] + (1, 1))
+  return jnp.where(keep, y / (1.0 - rate), 0.0)
+
+
+def block(params: Params, i: int, h: jax.Array, level: Level, cfg: ViTConfig,
+          drop_path: tuple[jax.Array, float] | None = None) -> jax.Array:
+  """Block i (0-based) at `level`; every leading axis of h is a batch axis.
+
+  drop_path: (key, rate) for stochastic depth while training; None at inference.
+  """
   p = params["blocks"][i]
-  h = h + attention(p, layer_norm(h, p["ln1"]), cfg, level)
+  y = attention(p, layer_norm(h, p["ln1"]), cfg, level)
+  if drop_path is not None:
+    y = _drop_path(y, jax.random.fold_in(drop_path[0], 0), drop_path[1])
+  h = h + y
   y = precision.dense(layer_norm(h, p["ln2"]), p["mlp1"]["kernel"], p["mlp1"]["bias"], level)
   y = precision.dense(jax.nn.gelu(y), p["mlp2"]["kernel"], p["mlp2"]["bias"], level)
+  if drop_path is not None:
+    y = _drop_path(y, jax.random.fold_in(drop_path[0], 1), drop_path[1])
   return h + y
+
+
+def exit_summary(params: Params, e: int, h: jax.Array) -> jax.Array:
+  """The class token as exit e's head sees it (after its LayerNorm)."""
+  return layer_norm(h[..., 0, :], params["heads"][e]["norm"])
 
 
 def exit_head(params: Params, e: int, h: jax.Array) -> jax.Array:
   """Exit e (index into cfg.exits): LayerNorm + Dense on the class token, float."""
-  p = params["heads"][e]
-  cls = layer_norm(h[..., 0, :], p["norm"])
-  return precision.dense(cls, p["dense"]["kernel"], p["dense"]["bias"], FLOAT)
+  p = params["heads"][e]["dense"]
+  return precision.dense(exit_summary(params, e, h), p["kernel"], p["bias"], FLOAT)
 
 
 def _block_levels(levels: Level | str | Sequence[Level | str], depth: int) -> list[Level]:
@@ -212,4 +231,5 @@ def backbone(cfg: ViTConfig) -> Backbone:
       block=lambda params, i, h, level: block(params, i, h, level, cfg),
       exit_head=exit_head,
       config=cfg.to_dict(),
+      summary=exit_summary,
   )

@@ -1,0 +1,273 @@
+"""QuEE and every baseline on fit / cal / test state tables: the results dict.
+
+`evaluate(fit, cal, test, cfg)` trains the error predictors on the fit table
+(for each seed and each QuEE variant), sweeps λ on test, picks λ on cal for
+each budget, runs the baselines and oracles on the same tables, measures the
+diagnostics, and returns what `results.json` holds (see `docs/method.md`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Sequence
+
+import numpy as np
+
+from quee_jax import (baselines, diagnostics, features, metrics, paths, policy, predictor,
+                      synthetic, targets)
+from quee_jax.metrics import REPORT_BUDGETS
+from quee_jax.paths import PathFamily
+from quee_jax.table import StateTable
+
+log = logging.getLogger(__name__)
+
+# variant -> (family, target kind)
+VARIANTS = {
+    "quee": (None, "soft"),
+    "quee_raw_targets": (None, "raw"),
+    "quee_exit_only": ("exit_only", "soft"),
+    "quee_quant_only": ("quant_only", "soft"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  seeds: tuple[int, ...] = (0, 1, 2)
+  predictor: predictor.PredictorConfig = predictor.PredictorConfig()
+  min_cluster: int = 100
+  max_clusters: int = 32
+  alpha: float = 10.0
+  num_lambdas: int = 64
+  shrink: bool = True  # calibrate per-sample differences between candidates (predictor.shrinkage)
+  variants: tuple[str, ...] = tuple(VARIANTS)
+
+  def __post_init__(self):
+    if not self.seeds:
+      raise ValueError("seeds: expected at least one seed")
+    unknown = set(self.variants) - set(VARIANTS)
+    if unknown:
+      raise ValueError(f"variants: unknown {sorted(unknown)}; expected some of {list(VARIANTS)}")
+
+
+@dataclasses.dataclass
+class Fitted:
+  """A trained QuEE variant: its family (with predictor overhead) and predictions."""
+
+  family: PathFamily
+  params: dict
+  history: dict
+  population_err: np.ndarray
+  predicted: dict  # split -> [S, N, C]
+
+
+def fit_clusters(fit: StateTable, seed: int, cfg: EvalConfig) -> np.ndarray:
+  """[S, N] clusters of the fit samples at every state of the collected family."""
+  return targets.clusters(features.build_features(fit, cluster_only=True),
+                          min_cluster=cfg.min_cluster, max_clusters=cfg.max_clusters, seed=seed)
+
+
+def fit_variant(tables: dict[str, StateTable], family_name: str | None, target_kind: str,
+                seed: int, cfg: EvalConfig, assign: np.ndarray | None = None) -> Fitted:
+  """Trains one variant's predictors on tables['fit'] and predicts on every table.
+
+  assign: `fit_clusters` of tables['fit'] for this seed (computed if None); a
+  sub-family's states reuse the clusters of the same histories.
+  """
+  base = tables["fit"].family
+  name = family_name or base.name
+  fam = paths.build_family(name, base.ladder, base.exits, base.costs, base.start_levels)
+  sub = {k: t.restrict(fam) for k, t in tables.items()}
+  x_fit = features.build_features(sub["fit"])
+  errors = targets.candidate_errors(sub["fit"])
+  if target_kind == "soft":
+    if assign is None:
+      assign = fit_clusters(tables["fit"], seed, cfg)
+    own = {tuple(h[h >= 0]): s for s, h in enumerate(base.history)}
+    rows = np.array([own[tuple(h[h >= 0])] for h in fam.history])
+    y = targets.soft_targets(errors, assign[rows], alpha=cfg.alpha)
+  else:
+    y = errors
+  pcfg = dataclasses.replace(cfg.predictor, seed=seed)
+  params, history = predictor.train(x_fit, y, fam, pcfg)
+  fam = fam.with_gate_overhead(predictor.gate_overhead(fam, x_fit.shape[-1], pcfg))
+  sub = {k: t.restrict(fam) for k, t in tables.items()}
+  predicted = {k: predictor.predict(params, features.build_features(t), fam.gate, pcfg.level)
+               for k, t in sub.items()}
+  if cfg.shrink:
+    val = history["val_samples"]
+    shrink = predictor.shrinkage(predicted["fit"][:, val], errors[:, val], fam, errors)
+    predicted = {k: predictor.apply_shrinkage(v, shrink, fam) for k, v in predicted.items()}
+    params = {**params, "shrink": shrink}
+  return Fitted(fam, params, history, policy.start_errors(sub["fit"]), predicted)
+
+
+def _budget_mode(fitted: Fitted, cal: StateTable, test: StateTable, naive_cal: list[dict]) -> dict:
+  """λ chosen on cal per budget; falls back to the naive combination where it is better on cal."""
+  cal_t, test_t = cal.restrict(fitted.family), test.restrict(fitted.family)
+  run = lambda t, split, lam: policy.simulate(t, fitted.predicted[split], fitted.population_err,
+                                              np.array([lam]))
+  out = {}
+  for key, budget in REPORT_BUDGETS.items():
+    lam = policy.lambda_for_budget(lambda l: float(run(cal_t, "cal", l).mean_cost()[0]), budget)
+    on_cal, on_test = run(cal_t, "cal", lam), run(test_t, "test", lam)
+    naive = _best_under(naive_cal, budget)
+    entry = {"lambda": lam, "cal_cost": float(on_cal.mean_cost()[0]),
+             "cal_accuracy": float(on_cal.accuracy()[0]),
+             "test_cost": float(on_test.mean_cost()[0]), "test_accuracy": float(on_test.accuracy()[0]),
+             "naive": naive, "fallback": False}
+    if naive is not None and naive["cal_accuracy"] > entry["cal_accuracy"]:
+      entry.update(fallback=True, test_cost=naive["test_cost"], test_accuracy=naive["test_accuracy"])
+    out[key] = entry
+  return out
+
+
+def _best_under(cal_points: list[dict], budget: float) -> dict | None:
+  ok = [p for p in cal_points if p["cal_cost"] <= budget + 1e-12]
+  return max(ok, key=lambda p: p["cal_accuracy"]) if ok else None
+
+
+def _naive_on_cal(fit: StateTable, cal: StateTable, test: StateTable) -> list[dict]:
+  """Every confidence-exit configuration of every level, measured on cal and test."""
+  out = []
+  for q in range(len(fit.family.ladder)):
+    for p in baselines.confidence_exit(fit, test, q):
+      on_cal = baselines.confidence_points_at(cal, p["param"])
+      out.append({"param": p["param"], "cal_cost": on_cal["cost"], "cal_accuracy": on_cal["accuracy"],
+                  "test_cost": p["cost"], "test_accuracy": p["accuracy"]})
+  return out
+
+
+def _aggregate(per_seed: list[dict]) -> dict:
+  """Mean and spread (max - min over seeds) of the summary numbers."""
+  keys = ("auc", "auc_16", "min_cost")
+  out = {k: float(np.mean([s[k] for s in per_seed])) for k in keys}
+  out.update({f"{k}_spread": float(np.ptp([s[k] for s in per_seed])) for k in keys})
+  out["acc_at_budget"] = {b: float(np.mean([s["acc_at_budget"][b] for s in per_seed]))
+                          for b in REPORT_BUDGETS}
+  return out
+
+
+def evaluate(fit: StateTable, cal: StateTable, test: StateTable, cfg: EvalConfig = EvalConfig(),
+             meta: dict | None = None, save_dir: str | None = None) -> dict:
+  """Every method on the same tables; the content of results.json.
+
+  save_dir: if given, each variant's predictors are saved (orbax) to
+  save_dir/<variant>/seed_<k>.
+  """
+  fam = test.family
+  for name, t in (("fit", fit), ("cal", cal)):
+    if t.family.spec() != fam.spec():
+      raise ValueError(f"{name}: table of another family/ladder/costs than the test table")
+  num_classes = int(test.backbone.get("num_classes", test.labels.max() + 1))
+  tables = {"fit": fit, "cal": cal, "test": test}
+  full = baselines.full_model(test)
+  methods: dict[str, dict] = {}
+
+  static = baselines.static(test)
+  methods["static"] = {"points": static, **metrics.summarize(static, num_classes)}
+  envelope = []
+  for q, level in enumerate(fam.ladder):
+    pts = baselines.confidence_exit(fit, test, q)
+    envelope += pts
+    methods[f"ee_confidence@{level}"] = {"points": pts, **metrics.summarize(pts, num_classes)}
+  methods["ee_confidence"] = {"points": metrics.pareto(envelope),
+                              **metrics.summarize(envelope, num_classes)}
+  for name, fn in (("oracle_path", baselines.path_oracle),
+                   ("oracle_consistency", baselines.consistency_oracle)):
+    pts = fn(test)
+    methods[name] = {"points": metrics.pareto(pts), **metrics.summarize(pts, num_classes)}
+
+  naive_cal = _naive_on_cal(fit, cal, test)
+  methods["ee_confidence"]["budget_mode"] = {k: _best_under(naive_cal, b)
+                                             for k, b in REPORT_BUDGETS.items()}
+  diag, calibration = {}, {}
+  assigns = {}  # seed -> clusters, shared by the variants with soft targets
+  for variant in cfg.variants:
+    family_name, kind = VARIANTS[variant]
+    if family_name == "quant_only" and fam.name not in ("switch_once", "quant_only"):
+      continue
+    runs = []
+    for seed in cfg.seeds:
+      log.info("%s: training predictors, seed %d", variant, seed)
+      if kind == "soft" and seed not in assigns:
+        assigns[seed] = fit_clusters(fit, seed, cfg)
+      fitted = fit_variant(tables, family_name, kind, seed, cfg, assigns.get(seed))
+      if save_dir is not None:
+        predictor.save(fitted.params, os.path.join(save_dir, variant, f"seed_{seed}"))
+      test_t = test.restrict(fitted.family)
+      lambdas = policy.lambda_grid(fitted.family, cfg.num_lambdas)
+      res = policy.simulate(test_t, fitted.predicted["test"], fitted.population_err, lambdas)
+      pts = res.points()
+      runs.append({"seed": seed, "points": pts, **metrics.summarize(pts, num_classes),
+                   "budget_mode": _budget_mode(fitted, cal, test, naive_cal),
+                   "predictor_epochs": fitted.history["epochs"],
+                   "predictor_cost_per_gate": float(fitted.family.gate_overhead[0])})
+      if seed == cfg.seeds[0] and variant == "quee":
+        diag = {"test": diagnostics.summary(test_t, fitted.predicted["test"]),
+                "cal": diagnostics.summary(cal.restrict(fitted.family), fitted.predicted["cal"])}
+        err = targets.candidate_errors(test_t)
+        calibration = {"ece_test": metrics.expected_calibration_error(
+            fitted.predicted["test"][:, :, :][np.broadcast_to(fitted.family.cand_mask[:, None],
+                                                               err.shape)],
+            err[np.broadcast_to(fitted.family.cand_mask[:, None], err.shape)])}
+        heads_and_predictors = float(fitted.family.costs.heads.sum()
+                                     + fitted.family.gate_overhead.sum())
+    methods[variant] = {"points": runs[0]["points"], "seeds": runs, **_aggregate(runs),
+                        "budget_mode": _mean_budget_mode([r["budget_mode"] for r in runs])}
+    if variant == "quee":
+      methods[variant]["calibration"] = calibration
+
+  return {
+      **(meta or {}),
+      "split_sizes": {k: t.num_samples for k, t in tables.items()},
+      "ladder": list(fam.ladder), "family": fam.name, "cost_unit": fam.costs.unit,
+      "float_bits": fam.costs.float_bits, "seeds": list(cfg.seeds),
+      "full_model": {"accuracy": full["accuracy"], "cost": full["cost"], "level": full["level"]},
+      "overhead": {"heads_and_predictors_all_gates": heads_and_predictors if "quee" in cfg.variants
+                   else None},
+      "methods": methods, "diagnostics": diag,
+  }
+
+
+def _mean_budget_mode(per_seed: Sequence[dict]) -> dict:
+  out = {}
+  for key in REPORT_BUDGETS:
+    entries = [s[key] for s in per_seed]
+    out[key] = {
+        "test_cost": float(np.mean([e["test_cost"] for e in entries])),
+        "test_accuracy": float(np.mean([e["test_accuracy"] for e in entries])),
+        "test_accuracy_spread": float(np.ptp([e["test_accuracy"] for e in entries])),
+        "cal_cost": float(np.mean([e["cal_cost"] for e in entries])),
+        "fallbacks": int(sum(e["fallback"] for e in entries)),
+        "naive": entries[0]["naive"],
+    }
+  return out
+
+
+def signal_recovery(fit: StateTable, cal: StateTable, test: StateTable, level: str,
+                    cfg: EvalConfig = EvalConfig()) -> dict:
+  """QuEE vs the naive combination on tables with a planted precision signal.
+
+  See `quee_jax.synthetic`. With the signal visible QuEE should beat the naive
+  combination clearly and the switch diagnostics should show it; hidden, both
+  should fall back to the envelope.
+  """
+  top = fit.family.ladder[baselines.top_level(fit.family)]
+  out = {"level": level}
+  small = dataclasses.replace(cfg, variants=("quee",))
+  for visible in (True, False):
+    planted = [synthetic.plant_signal(t, level, seed=i, visible=visible)
+               for i, t in enumerate((fit, cal, test))]
+    res = evaluate(*planted, small)
+    q, naive = res["methods"]["quee"], res["methods"]["ee_confidence"]
+    switches = [e for e in res["diagnostics"]["test"]["switch_signal"]
+                if e["gate"] == 0 and e["from"] == top and e["to"] == level]
+    out["visible" if visible else "hidden"] = {
+        "quee": {k: q[k] for k in ("auc", "auc_16", "auc_spread", "auc_16_spread", "min_cost",
+                                   "acc_at_budget")},
+        "naive": {k: naive[k] for k in ("auc", "auc_16", "min_cost", "acc_at_budget")},
+        "switch_after_first_block": switches[0] if switches else None,
+    }
+  return out

@@ -1,0 +1,177 @@
+"""Imports big_vision / vit_jax ViT checkpoints (.npz) into `quee_jax.models.vit` params.
+
+Both namings are read:
+  big_vision   pos_embedding [1, N, D] without the class token, LayerNorm_0/1,
+               MultiHeadDotProductAttention_0, MlpBlock_0
+  vit_jax      Transformer/posembed_input/pos_embedding [1, 1+N, D], LayerNorm_0/2,
+               MultiHeadDotProductAttention_1, MlpBlock_3
+with an optional 'params/' or 'opt/target/' prefix. The checkpoint's
+`Transformer/encoder_norm` + `head` become the last exit head (class-token
+pooling); the other exit heads keep the initialisation passed in. The position
+embedding is resized bilinearly when the image size differs.
+
+Get the real files (e.g. gs://vit_models/augreg/Ti_16-i21k-300ep-...npz, or
+the big_vision zoo) with `gsutil cp` on a machine with the internet.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quee_jax.models import vit
+
+_PREFIXES = ("params/", "opt/target/")
+_BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/(.+)$")
+# Our block sub-tree -> the checkpoint's module names (big_vision first, then vit_jax).
+_BLOCK_MODULES = {
+    "ln1": ("LayerNorm_0",),
+    "ln2": ("LayerNorm_1", "LayerNorm_2"),
+    "attn": ("MultiHeadDotProductAttention_0", "MultiHeadDotProductAttention_1"),
+    "mlp": ("MlpBlock_0", "MlpBlock_3"),
+}
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+  """The flat {name: array} of a checkpoint, prefixes removed."""
+  with np.load(path, allow_pickle=False) as z:
+    flat = {k: z[k] for k in z.files}
+  return strip_prefix(flat)
+
+
+def strip_prefix(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  for prefix in _PREFIXES:
+    if flat and all(k.startswith(prefix) for k in flat):
+      return {k[len(prefix):]: v for k, v in flat.items()}
+  return dict(flat)
+
+
+def resize_posemb(grid: np.ndarray, side: int) -> np.ndarray:
+  """[n*n, D] position embeddings of an n x n patch grid -> [side*side, D], bilinear."""
+  n = int(round(np.sqrt(grid.shape[0])))
+  if n * n != grid.shape[0]:
+    raise ValueError(f"pos_embedding: {grid.shape[0]} positions do not form a square grid")
+  if n == side:
+    return grid
+  out = jax.image.resize(jnp.asarray(grid.reshape(n, n, -1)), (side, side, grid.shape[-1]),
+                         "bilinear")
+  return np.asarray(out).reshape(side * side, -1)
+
+
+def import_big_vision(checkpoint: str | Mapping[str, np.ndarray], cfg: vit.ViTConfig,
+                      key: jax.Array, *, load_head: bool = True,
+                      add_cls_token: bool = False) -> vit.Params:
+  """Params for `cfg` from a big_vision / vit_jax checkpoint.
+
+  Args:
+    checkpoint: path of the .npz, or its flat {name: array} dict.
+    cfg: our model config; width, depth, heads, mlp_dim and patch must match
+      the checkpoint, image_size may differ (position embeddings are resized).
+    key: initialises what the checkpoint lacks (intermediate exit heads, and
+      the last head when load_head is False).
+    load_head: take the checkpoint's head as the last exit head (its class
+      count must equal cfg.num_classes); False keeps a fresh head, e.g. to
+      fine-tune on another label set. pre_logits layers need False.
+    add_cls_token: for checkpoints without a class token (pool_type 'gap'/'map'),
+      add a zero one; its features differ from the original pooling, so train
+      the exit heads afterwards.
+
+  Raises:
+    ValueError naming the key that is missing, unknown, or of the wrong shape.
+  """
+  flat = load_npz(checkpoint) if isinstance(checkpoint, str) else strip_prefix(checkpoint)
+  init = vit.init(key, cfg)
+  used: set[str] = set()
+
+  def take(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    if name not in flat:
+      raise ValueError(f"checkpoint: missing key {name!r} (expected shape {shape})")
+    value = np.asarray(flat[name], np.float32)
+    if value.shape != tuple(shape):
+      raise ValueError(f"checkpoint: {name!r} has shape {value.shape}, this config"
+                       f" (dim {cfg.dim}, heads {cfg.heads}, mlp {cfg.mlp_dim}, patch"
+                       f" {cfg.patch}, {cfg.num_classes} classes) needs {tuple(shape)}")
+    used.add(name)
+    return value
+
+  def module(i: int, ours: str) -> str:
+    for name in _BLOCK_MODULES[ours]:
+      prefix = f"Transformer/encoderblock_{i}/{name}"
+      if any(k.startswith(prefix + "/") for k in flat):
+        return prefix
+    return f"Transformer/encoderblock_{i}/{_BLOCK_MODULES[ours][0]}"
+
+  d, h, m, p, c = cfg.dim, cfg.heads, cfg.mlp_dim, cfg.patch, cfg.channels
+  ln = lambda prefix: {"scale": take(f"{prefix}/scale", (d,)), "bias": take(f"{prefix}/bias", (d,))}
+  dense = lambda prefix, n_in, n_out: {"kernel": take(f"{prefix}/kernel", (n_in, n_out)),
+                                       "bias": take(f"{prefix}/bias", (n_out,))}
+
+  blocks = []
+  for i in range(cfg.depth):
+    attn = module(i, "attn")
+    qkv = [(take(f"{attn}/{n}/kernel", (d, h, d // h)).reshape(d, d),
+            take(f"{attn}/{n}/bias", (h, d // h)).reshape(d)) for n in ("query", "key", "value")]
+    mlp = module(i, "mlp")
+    blocks.append({
+        "ln1": ln(module(i, "ln1")),
+        "qkv": {"kernel": np.concatenate([k for k, _ in qkv], 1),
+                "bias": np.concatenate([b for _, b in qkv])},
+        "out": {"kernel": take(f"{attn}/out/kernel", (h, d // h, d)).reshape(d, d),
+                "bias": take(f"{attn}/out/bias", (d,))},
+        "ln2": ln(module(i, "ln2")),
+        "mlp1": dense(f"{mlp}/Dense_0", d, m),
+        "mlp2": dense(f"{mlp}/Dense_1", m, d),
+    })
+  extra = sorted({int(g.group(1)) for k in flat if (g := _BLOCK.match(k))} - set(range(cfg.depth)))
+  if extra:
+    raise ValueError(f"checkpoint: has blocks {extra} beyond this config's depth {cfg.depth}"
+                     f" (e.g. 'Transformer/encoderblock_{extra[0]}/...')")
+
+  # Position embeddings: ours cover [cls, patch grid]; big_vision's the grid only.
+  side = cfg.image_size // p
+  pos_name = next((n for n in ("pos_embedding", "Transformer/posembed_input/pos_embedding",
+                               "Transformer/pos_embedding") if n in flat), "pos_embedding")
+  if pos_name not in flat:
+    raise ValueError("checkpoint: missing key 'pos_embedding'")
+  pe = np.asarray(flat[pos_name], np.float32)
+  used.add(pos_name)
+  if pe.ndim != 3 or pe.shape[0] != 1 or pe.shape[2] != d:
+    raise ValueError(f"checkpoint: {pos_name!r} has shape {pe.shape}, expected [1, N, {d}]")
+  n = pe.shape[1]
+  has_cls_pos = int(round(np.sqrt(n - 1))) ** 2 == n - 1 and n > 1
+  cls_pos, grid = (pe[0, :1], pe[0, 1:]) if has_cls_pos else (np.zeros((1, d), np.float32), pe[0])
+  if "cls" in flat:
+    cls = take("cls", (1, 1, d))
+  elif add_cls_token:
+    cls = np.zeros((1, 1, d), np.float32)
+  else:
+    raise ValueError("checkpoint: missing key 'cls' (a 'gap' or 'map' pooled model); our exit"
+                     " heads read a class token: pass add_cls_token=True and train the heads")
+
+  heads = list(init["heads"])
+  if load_head:
+    if "pre_logits/kernel" in flat:
+      raise ValueError("checkpoint: has 'pre_logits/kernel' (a representation layer our heads"
+                       " lack); pass load_head=False and train the exit heads")
+    heads[-1] = {"norm": ln("Transformer/encoder_norm"),
+                 "dense": dense("head", d, cfg.num_classes)}
+  else:
+    used.update(k for k in flat if k.startswith(("head/", "pre_logits/", "Transformer/encoder_norm/")))
+
+  params = {
+      "embedding": {"kernel": take("embedding/kernel", (p, p, c, d)).reshape(p * p * c, d),
+                    "bias": take("embedding/bias", (d,))},
+      "cls": cls,
+      "pos_embedding": np.concatenate([cls_pos, resize_posemb(grid, side)])[None],
+      "blocks": blocks,
+      "heads": heads,
+  }
+  unknown = sorted(set(flat) - used)
+  if unknown:
+    raise ValueError(f"checkpoint: unknown keys {unknown[:8]}{' ...' if len(unknown) > 8 else ''}"
+                     " (not a plain ViT with class-token pooling?)")
+  return jax.tree.map(jnp.asarray, params)

@@ -1,0 +1,50 @@
+"""Accuracy vs counted cost on a log axis, every method of a results dict."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: scripts run on machines without a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from quee_jax import metrics  # noqa: E402
+
+STYLE = {
+    "quee": dict(color="C3", lw=2.2, marker="o", ms=3, zorder=5),
+    "quee_raw_targets": dict(color="C1", lw=1.2, ls="--"),
+    "quee_exit_only": dict(color="C4", lw=1.2, ls="--"),
+    "quee_quant_only": dict(color="C5", lw=1.2, ls="--"),
+    "ee_confidence": dict(color="C0", lw=2.0),
+    "static": dict(color="k", lw=0, marker="s", ms=5),
+    "oracle_consistency": dict(color="C2", lw=1.2, ls=":"),
+    "oracle_path": dict(color="C7", lw=1.2, ls=":"),
+}
+
+
+def plot_curves(results: dict, path: str) -> None:
+  """Writes the accuracy-cost figure (PNG) to `path`."""
+  fig, ax = plt.subplots(figsize=(7.5, 5))
+  for name, m in results["methods"].items():
+    if name.startswith("ee_confidence@"):
+      style = dict(lw=0.8, alpha=0.45)
+    else:
+      style = STYLE.get(name, dict(lw=1))
+    pts = metrics.pareto(m["points"])
+    ax.plot([p["cost"] for p in pts], [100 * p["accuracy"] for p in pts],
+            label=f"{name} (auc {100 * m['auc']:.2f})", drawstyle="steps-post"
+            if style.get("lw", 1) else "default", **style)
+  full = results["full_model"]
+  ax.axhline(100 * full["accuracy"], color="grey", lw=0.6, ls="--")
+  ax.set_xscale("log", base=2)
+  ax.set_xlim(1 / 80, 1.1)
+  lo = 100 * min(m["acc_at_budget"]["0.0625"] for m in results["methods"].values())
+  ax.set_ylim(max(0, lo - 5), 100 * max(full["accuracy"], 0) + 3)
+  ax.set_xlabel(f"mean counted cost ({results['cost_unit']}, full model = 1)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(f"{results.get('dataset', '')}: ladder {', '.join(results['ladder'])}, "
+               f"{results['family']}")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=130)
+  plt.close(fig)

@@ -1,0 +1,61 @@
+"""Markdown tables of a results dict (results.json)."""
+
+from __future__ import annotations
+
+from quee_jax.metrics import REPORT_BUDGETS
+
+ORDER = ("quee", "quee_raw_targets", "quee_exit_only", "quee_quant_only", "ee_confidence",
+         "static", "oracle_consistency", "oracle_path")
+
+
+def _pct(x: float | None) -> str:
+  return "—" if x is None else f"{100 * x:.2f}"
+
+
+def methods_table(results: dict) -> str:
+  """One row per method: auc, auc_16, min cost, accuracy at each budget (test, %)."""
+  methods = results["methods"]
+  names = [m for m in ORDER if m in methods] + sorted(m for m in methods if m not in ORDER)
+  budgets = list(REPORT_BUDGETS)
+  head = ("| method | auc | auc_16 | min cost | " + " | ".join(f"acc@{b}" for b in budgets)
+          + " | seed spread (auc / auc_16) |")
+  lines = [head, "|" + "---|" * (len(budgets) + 5)]
+  for name in names:
+    m = methods[name]
+    spread = (f"{100 * m['auc_spread']:.2f} / {100 * m['auc_16_spread']:.2f}"
+              if "auc_spread" in m else "")
+    lines.append(f"| {name} | {_pct(m['auc'])} | {_pct(m['auc_16'])} | {m['min_cost']:.4f} | "
+                 + " | ".join(_pct(m["acc_at_budget"][b]) for b in budgets) + f" | {spread} |")
+  return "\n".join(lines)
+
+
+def budget_table(results: dict) -> str:
+  """QuEE's cal-chosen operating points beside the naive combination's, per budget."""
+  q = results["methods"].get("quee")
+  if not q:
+    return ""
+  lines = ["| budget | QuEE test cost | QuEE test acc | fallbacks to naive | naive test cost | naive test acc |",
+           "|---|---|---|---|---|---|"]
+  for b, e in q["budget_mode"].items():
+    n = e["naive"]
+    naive_cost = "—" if n is None else f"{n['test_cost']:.4f}"
+    naive_acc = "—" if n is None else _pct(n["test_accuracy"])
+    lines.append(f"| {b} | {e['test_cost']:.4f} | {_pct(e['test_accuracy'])} | {e['fallbacks']} | "
+                 f"{naive_cost} | {naive_acc} |")
+  return "\n".join(lines)
+
+
+def diagnostics_tables(results: dict, split: str = "test") -> str:
+  d = results.get("diagnostics", {}).get(split)
+  if not d:
+    return ""
+  lines = ["| gate (after block) | errors | AUROC predictor | AUROC 1 - max prob |", "|---|---|---|---|"]
+  for e in d["exit_auroc"]:
+    lines.append(f"| {e['gate']} ({e['exit_after_block']}) | {e['errors']} | "
+                 f"{e['auroc_predictor']:.3f} | {e['auroc_max_prob']:.3f} |")
+  lines += ["", "| switch after block | from → to | hurt | helped | AUROC hurt vs helped |"
+            " AUROC hurt among right |", "|---|---|---|---|---|---|"]
+  for e in d["switch_signal"]:
+    lines.append(f"| {e['after_block']} | {e['from']} → {e['to']} | {e['hurt']} | {e['helped']} | "
+                 f"{e['auroc_hurt_vs_helped']:.3f} | {e['auroc_hurt_among_right']:.3f} |")
+  return "\n".join(lines)

@@ -1,0 +1,280 @@
+"""Training: a backbone from scratch, and exit heads on a frozen backbone.
+
+QuEE is post-training: users bring a trained backbone, attach exit heads and
+never retrain the backbone. `train_backbone` gives them a backbone when they
+have none (final head only); `train_exit_heads` trains every exit head at once
+on frozen features, optionally computed at a quantization level.
+
+Both resume: an orbax `CheckpointManager` saves {params, opt_state} every
+`checkpoint_every` steps, and the data order and augmentation of step k depend
+only on (seed, k), so a killed run restarted from its latest checkpoint ends
+with the parameters an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from quee_jax import precision
+from quee_jax.data import Split
+from quee_jax.models import vit
+from quee_jax.precision import FLOAT, Level
+
+Params = Any
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation settings (AdamW, linear warmup + cosine decay, label smoothing)."""
+
+  epochs: float = 10
+  batch_size: int = 128
+  learning_rate: float = 1e-3
+  warmup_epochs: float = 1.0
+  weight_decay: float = 0.05
+  label_smoothing: float = 0.1
+  grad_clip: float = 1.0
+  augment: bool = True  # only where the dataset defines an augmentation
+  drop_path: float = 0.0  # stochastic depth of the last block (linear from 0 over depth)
+  seed: int = 0
+  checkpoint_every: int = 200  # steps
+
+  def __post_init__(self):
+    positive = ("epochs", "batch_size", "learning_rate", "checkpoint_every")
+    for name in positive:
+      if getattr(self, name) <= 0:
+        raise ValueError(f"TrainConfig.{name}: expected > 0, got {getattr(self, name)}")
+    for name in ("warmup_epochs", "weight_decay", "grad_clip"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"TrainConfig.{name}: expected >= 0, got {getattr(self, name)}")
+    if not 0 <= self.label_smoothing < 1:
+      raise ValueError(f"TrainConfig.label_smoothing: expected in [0, 1), got {self.label_smoothing}")
+    if not 0 <= self.drop_path < 1:
+      raise ValueError(f"TrainConfig.drop_path: expected in [0, 1), got {self.drop_path}")
+
+  def steps(self, num_samples: int) -> int:
+    return max(1, round(self.epochs * (num_samples // self.batch_size)))
+
+
+def _optimizer(tc: TrainConfig, total_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
+  warmup = min(round(tc.warmup_epochs * steps_per_epoch), total_steps - 1)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, warmup, total_steps)
+  # Decay matrices only: LayerNorm scales and biases keep their values.
+  decay_mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
+  return optax.chain(optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip else optax.identity(),
+                     optax.adamw(schedule, weight_decay=tc.weight_decay, mask=decay_mask))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
+                  smoothing: float = 0.0) -> jax.Array:
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def _checkpoint_manager(directory: str, every: int):
+  # Naming the handler lets a fresh process read the metadata of old steps.
+  return ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=every),
+      item_handlers=ocp.StandardCheckpointHandler())
+
+
+def _key_name(path) -> str:
+  # Dict keys, sequence indices and NamedTuple fields (optax states), as orbax names them.
+  parts = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+  return "/".join(map(str, parts))
+
+
+def check_shapes(restored_shapes: Any, template: Any, what: str) -> None:
+  """Raises ValueError naming the first key whose shape or presence differs."""
+  got = {_key_name(p): tuple(getattr(v, "shape", ())) for p, v in
+         jax.tree_util.tree_flatten_with_path(restored_shapes)[0]}
+  want = {_key_name(p): tuple(np.shape(v)) for p, v in
+          jax.tree_util.tree_flatten_with_path(template)[0]}
+  for key in sorted(set(got) | set(want)):
+    if key not in got:
+      raise ValueError(f"{what}: the checkpoint lacks {key!r} (expected shape {want[key]})")
+    if key not in want:
+      raise ValueError(f"{what}: the checkpoint has {key!r}, which the model does not")
+    if got[key] != want[key]:
+      raise ValueError(f"{what}: {key!r} has shape {got[key]} in the checkpoint,"
+                       f" the model expects {want[key]}")
+
+
+def _restore(manager, state, directory: str):
+  step = manager.latest_step()
+  if step is None:
+    return state, 0
+  # The optimizer state mirrors the params, so checking the params names the culprit.
+  check_shapes(manager.item_metadata(step)["params"], state["params"], f"checkpoint {directory}")
+  return manager.restore(step, args=ocp.args.StandardRestore(state)), step
+
+
+def fit(loss_fn: Callable[[Params, Params, jax.Array, jax.Array, jax.Array],
+                          tuple[jax.Array, jax.Array]],
+        trainable: Params, frozen: Params, split: Split, tc: TrainConfig, workdir: str, *,
+        desc: str, evaluate: Callable[[Params], dict] | None = None,
+        on_step: Callable[[int, dict], None] | None = None) -> Params:
+  """Minimises `loss_fn(trainable, frozen, images, labels, key) -> (loss, accuracy)` over `split`.
+
+  `key` is derived from (seed, step), like the batches, so resuming replays it.
+
+  Resumes from the latest checkpoint in `workdir`; `evaluate(trainable)`
+  runs at the end of every epoch and its dict is logged; `on_step(step, metrics)`
+  is called after every step.
+  """
+  steps_per_epoch = len(split) // tc.batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f"batch_size: {tc.batch_size} exceeds the {len(split)} samples of {split.name}")
+  total = tc.steps(len(split))
+  opt = _optimizer(tc, total, steps_per_epoch)
+  manager = _checkpoint_manager(workdir, tc.checkpoint_every)
+  state, start = _restore(manager, {"params": trainable, "opt_state": opt.init(trainable)}, workdir)
+  if start:
+    log.info("%s: resuming at step %d of %d from %s", desc, start, total, workdir)
+
+  base_key = jax.random.key(tc.seed)
+
+  @jax.jit
+  def train_step(state, images, labels, step):
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], frozen, images, labels, jax.random.fold_in(base_key, step))
+    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state}, {"loss": loss, "accuracy": acc}
+
+  batches = split.batches(tc.batch_size, shuffle=True, seed=tc.seed, start_step=start,
+                          num_steps=total - start, augment=tc.augment)
+  sums, count, t0 = {"loss": 0.0, "accuracy": 0.0}, 0, time.time()
+  # disable=None: a bar on terminals only; logs get the per-epoch lines.
+  with tqdm(total=total, initial=start, desc=desc, unit="step", leave=False, disable=None) as bar:
+    for step, batch in enumerate(batches, start=start + 1):
+      state, metrics = train_step(state, batch.images, batch.labels, step)
+      manager.save(step, args=ocp.args.StandardSave(state), force=step == total)
+      metrics = {k: float(v) for k, v in metrics.items()}
+      for k in sums:
+        sums[k] += metrics[k]
+      count += 1
+      bar.update(1)
+      bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+      if on_step is not None:
+        on_step(step, metrics)
+      if step % steps_per_epoch == 0 or step == total:
+        summary = {k: v / count for k, v in sums.items()}
+        if evaluate is not None:
+          summary.update(evaluate(state["params"]))
+        log.info("%s epoch %.1f (step %d/%d, %.0fs): %s", desc, step / steps_per_epoch,
+                     step, total, time.time() - t0,
+                     ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+        sums, count = {k: 0.0 for k in sums}, 0
+  manager.wait_until_finished()
+  manager.close()
+  return state["params"]
+
+
+def _merge_last_head(trainable: Params, frozen_heads: list) -> Params:
+  out = {k: v for k, v in trainable.items() if k != "last_head"}
+  return {**out, "heads": [*frozen_heads, trainable["last_head"]]}
+
+
+def train_backbone(cfg: vit.ViTConfig, split: Split, tc: TrainConfig, workdir: str, *,
+                   params: Params | None = None, eval_split: Split | None = None,
+                   on_step: Callable[[int, dict], None] | None = None) -> Params:
+  """Trains a ViT from scratch (or from `params`) with the loss on the final exit only.
+
+  The intermediate exit heads are left as they are (they are neither trained
+  nor decayed here); `train_exit_heads` trains them on the frozen result.
+  """
+  if params is None:
+    params = vit.init(jax.random.key(tc.seed), cfg)
+  trainable = {k: v for k, v in params.items() if k != "heads"}
+  trainable["last_head"] = params["heads"][-1]
+  frozen_heads = params["heads"][:-1]
+  last = len(cfg.exits) - 1
+
+  def loss_fn(p, frozen, images, labels, key):
+    del frozen
+    h = vit.embed(p, images, cfg)
+    for i in range(cfg.depth):
+      rate = tc.drop_path * (i + 1) / cfg.depth
+      drop = (jax.random.fold_in(key, i), rate) if rate > 0 else None
+      h = vit.block(p, i, h, FLOAT, cfg, drop)
+    logits = vit.exit_head({"heads": [None] * last + [p["last_head"]]}, last, h)
+    loss = cross_entropy(logits, labels, cfg.num_classes, tc.label_smoothing).mean()
+    return loss, (jnp.argmax(logits, -1) == labels).mean()
+
+  evaluate = None
+  if eval_split is not None:
+    evaluate = lambda p: {f"{eval_split.name}_accuracy": float(
+        evaluate_exits(cfg, _merge_last_head(p, frozen_heads), eval_split)[-1])}
+  trained = fit(loss_fn, trainable, None, split, tc, workdir, desc="backbone",
+                evaluate=evaluate, on_step=on_step)
+  return _merge_last_head(trained, frozen_heads)
+
+
+def exit_features(params: Params, images: jax.Array, cfg: vit.ViTConfig,
+                  level: Level = FLOAT) -> list[jax.Array]:
+  """Hidden states at every exit, from one forward at `level`, without gradients."""
+  h = vit.embed(params, images, cfg)
+  feats = []
+  for i in range(cfg.depth):
+    h = vit.block(params, i, h, level, cfg)
+    if i + 1 in cfg.exits:
+      feats.append(jax.lax.stop_gradient(h))
+  return feats
+
+
+def train_exit_heads(cfg: vit.ViTConfig, params: Params, split: Split, tc: TrainConfig,
+                     workdir: str, *, level: Level | str = FLOAT,
+                     eval_split: Split | None = None,
+                     on_step: Callable[[int, dict], None] | None = None) -> Params:
+  """Trains every exit head at once on the frozen backbone's features at `level`.
+
+  Each head starts from its current value (the final head from the backbone's).
+  The loss is the mean over exits; the backbone's parameters are not changed.
+  """
+  level = precision.parse_level(level)
+  frozen = {k: v for k, v in params.items() if k != "heads"}
+
+  def loss_fn(heads, backbone, images, labels, key):
+    del key
+    feats = exit_features(backbone, images, cfg, level)
+    logits = jnp.stack([vit.exit_head({"heads": heads}, e, h) for e, h in enumerate(feats)])
+    loss = cross_entropy(logits, labels[None], cfg.num_classes, tc.label_smoothing).mean()
+    return loss, (jnp.argmax(logits[-1], -1) == labels).mean()
+
+  evaluate = None
+  if eval_split is not None:
+    evaluate = lambda heads: {f"{eval_split.name}_exit{e + 1}": float(a) for e, a in enumerate(
+        evaluate_exits(cfg, {**frozen, "heads": heads}, eval_split, level))}
+  heads = fit(loss_fn, params["heads"], frozen, split, tc, workdir,
+              desc=f"exit heads ({level.name})", evaluate=evaluate, on_step=on_step)
+  return {**frozen, "heads": heads}
+
+
+def evaluate_exits(cfg: vit.ViTConfig, params: Params, split: Split,
+                   levels: Level | str | list = FLOAT, batch_size: int = 500) -> np.ndarray:
+  """Accuracy of every exit on `split` with blocks at `levels` (one level or one per block)."""
+  forward = jax.jit(lambda p, x: jnp.argmax(vit.forward(p, x, cfg, levels)[0], -1))
+  correct, n = np.zeros(len(cfg.exits)), 0
+  for batch in split.batches(batch_size):
+    pred = np.asarray(forward(params, batch.images))
+    correct += ((pred == batch.labels) & batch.mask).sum(axis=1)
+    n += batch.mask.sum()
+  return correct / n
+
+
+def accuracy_table(cfg: vit.ViTConfig, params: Params, split: Split,
+                   ladder: precision.Ladder) -> dict[str, list[float]]:
+  """{level name: accuracy of every exit} with all blocks at that level."""
+  return {level.name: evaluate_exits(cfg, params, split, level).tolist() for level in ladder}

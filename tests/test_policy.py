@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+
+import quee_jax as q
+from quee_jax import baselines, metrics, policy
+from quee_jax.table import StateTable
+
+LADDER = ("float", "w4a4")
+
+
+def tiny_family(name="switch_once", exits=(1, 2, 3)):
+  # float blocks cost 0.3, w4a4 blocks 0.05; embedding 0.1; free heads.
+  costs = q.CostTable(unit="bops", float_bits=16, ladder=LADDER, embed=0.1,
+                      blocks=np.array([[0.3, 0.05]] * 3), heads=np.zeros(3), full_model=1.0)
+  return q.build_family(name, LADDER, exits, costs)
+
+
+def table_for(fam, correct):
+  """A table whose states are right exactly where `correct` [S, N] says."""
+  S, N = correct.shape
+  labels = np.zeros(N, np.int32)
+  pred = np.where(correct, 0, 1).astype(np.int32)
+  feats = {k: np.full((S, N), 0.5, np.float32) for k in q.FEATURES}
+  return StateTable(fam, labels, pred, correct, feats, None, {"num_classes": 2}, {})
+
+
+def uniform_pred(fam, n, value=0.3):
+  return np.where(fam.cand_mask[:, None, :], value, 1.0).astype(np.float32) * np.ones((1, n, 1))
+
+
+def test_lambda_zero_is_the_full_model_even_when_cheap_paths_look_better():
+  fam = tiny_family()
+  rng = np.random.default_rng(0)
+  table = table_for(fam, rng.random((fam.num_states, 50)) < 0.7)
+  predicted = rng.random((fam.num_states, 50, len(fam.candidates))).astype(np.float32)
+  pop = policy.start_errors(table)
+  pop[1] = 0.0  # the cheap level even looks perfect on average
+  res = policy.simulate(table, predicted, pop, np.array([0.0]))
+  full = baselines.chain(fam, 0)[-1]
+  assert (res.exit_state == full).all()
+  np.testing.assert_allclose(res.cost, 1.0)
+  np.testing.assert_array_equal(res.pred[0], table.pred[full])
+
+
+def test_huge_lambda_exits_at_the_first_gate_at_the_cheapest_level():
+  fam = tiny_family()
+  table = table_for(fam, np.ones((fam.num_states, 20), bool))
+  res = policy.simulate(table, uniform_pred(fam, 20), policy.start_errors(table), np.array([1e6]))
+  assert (res.exit_state == fam.find(["w4a4"])).all()
+  np.testing.assert_allclose(res.cost, 0.15)
+
+
+def test_known_decision():
+  fam = tiny_family()
+  N, G = 4, fam.num_gates
+  table = table_for(fam, np.ones((fam.num_states, N), bool))
+  root, two = fam.find(["float"]), fam.find(["float", "float"])
+  predicted = np.full((fam.num_states, N, len(fam.candidates)), 0.9, np.float32)
+  next_float, end_float = 1 + 0 * G + 1, 1 + 0 * G + 2  # float up to exit 1 / exit 2
+  predicted[root, :, 0] = 0.3
+  predicted[root, :, next_float] = 0.1
+  predicted[root, :, end_float] = 0.1
+  predicted[two, :, 0] = 0.0
+  predicted[two, :, end_float] = 0.0
+  pop = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])  # the population rates pick float
+  # At the root: EXIT scores 0.3, one more float block 0.1 + 0.3 lam, float to the end
+  # 0.1 + 0.6 lam, anything else >= 0.9. So continue iff lam < 2/3.
+  res = policy.simulate(table, predicted, pop, np.array([0.1, 0.6, 0.7, 1.0]))
+  assert res.exit_state[:, 0].tolist() == [two, two, root, root]
+  np.testing.assert_allclose(res.cost[:, 0], [0.7, 0.7, 0.4, 0.4])
+
+
+def test_ties_break_toward_more_computation():
+  errors = np.array([[0.2, 0.2, 0.2]])
+  dcost = np.array([[0.0, 0.5, 0.2]])
+  mask = np.ones((1, 3), bool)
+  assert policy._choose(errors, dcost, mask, np.array([0.0]))[0] == 1
+  assert policy._choose(errors, dcost, mask, np.array([0.1]))[0] == 0
+
+
+def test_bad_lambdas_raise():
+  fam = tiny_family()
+  table = table_for(fam, np.ones((fam.num_states, 3), bool))
+  with pytest.raises(ValueError, match="lambdas"):
+    policy.simulate(table, uniform_pred(fam, 3), policy.start_errors(table), np.array([-1.0]))
+  with pytest.raises(ValueError, match="predicted"):
+    policy.simulate(table, uniform_pred(fam, 4), policy.start_errors(table), np.array([1.0]))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_path_oracle_is_never_below_other_methods(seed):
+  fam = tiny_family()
+  rng = np.random.default_rng(seed)
+  N = 300
+  difficulty = rng.random(N)
+  depth_gain = (fam.gate[:, None] + 1) * 0.15 + np.where(fam.level == 0, 0.2, 0.0)[:, None]
+  table = table_for(fam, rng.random((fam.num_states, N)) < 0.3 + depth_gain - 0.3 * difficulty)
+  table.features["max_prob"] = np.clip(table.correct + rng.normal(0, 0.4, (fam.num_states, N)), 0, 1).astype(np.float32)
+  oracle = baselines.path_oracle(table)
+  others = baselines.static(table) + baselines.confidence_exit(table, table, 0) \
+      + baselines.confidence_exit(table, table, 1)
+  predicted = rng.random((fam.num_states, N, len(fam.candidates))).astype(np.float32)
+  others += policy.simulate(table, predicted, policy.start_errors(table),
+                            policy.lambda_grid(fam)).points()
+  for p in others:
+    assert metrics.accuracy_at(oracle, p["cost"], 2) >= p["accuracy"] - 1e-12, p
+
+
+def test_lambda_for_budget():
+  f = lambda lam: 1.0 / (1.0 + lam)
+  lam = policy.lambda_for_budget(f, 0.25)
+  assert f(lam) <= 0.25 and f(lam * 0.99) > 0.25
+  assert policy.lambda_for_budget(f, 1.0) == 0.0
+  with pytest.raises(ValueError, match="budget"):
+    policy.lambda_for_budget(f, 0.0)

@@ -1,0 +1,215 @@
+"""Targets, predictors, features, diagnostics and the whole evaluation on synthetic tables."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+import quee_jax as q
+from quee_jax import (diagnostics, evaluate, features, predictor, synthetic, targets)
+from quee_jax.table import StateTable
+
+LADDER = ("float", "w4a4", "w2a4")
+
+
+def family(name="switch_once", exits=(1, 2, 3), ladder=LADDER):
+  block = {"float": 0.33, "w4a4": 0.02, "w2a4": 0.01}
+  costs = q.CostTable(unit="bops", float_bits=16, ladder=ladder, embed=0.01,
+                      blocks=np.array([[block[l] for l in ladder]] * 3), heads=np.full(3, 1e-4),
+                      full_model=1e9)  # raw BOPs of the full model
+  return q.build_family(name, ladder, exits, costs)
+
+
+def synthetic_table(fam, n, seed):
+  """Outcomes from a difficulty model: deeper and more precise states are right more often,
+  max prob tells (noisily) which are right, and precision flips are noise."""
+  rng = np.random.default_rng(seed)
+  difficulty = rng.normal(size=n)
+  bits = np.array([{"float": 3.0, "w4a4": 1.5, "w2a4": 0.0}[l] for l in fam.ladder])
+  mean_bits = np.array([bits[h[h >= 0]].mean() for h in fam.history])  # the whole path counts
+  strength = fam.gate[:, None] * 0.9 + mean_bits[:, None] * 0.3
+  # Shared difficulty, little per-state noise: exits of one backbone agree on most samples.
+  logit = strength - 1.5 * difficulty[None] + rng.normal(0, 0.1, (fam.num_states, n))
+  correct = logit > 0
+  labels = rng.integers(0, 10, n).astype(np.int32)
+  pred = np.where(correct, labels, (labels + 1) % 10).astype(np.int32)
+  p = 1 / (1 + np.exp(-logit + rng.normal(0, 0.8, logit.shape)))
+  feats = {"max_prob": (0.1 + 0.9 * p).astype(np.float32),
+           "margin": (0.8 * p).astype(np.float32),
+           "entropy": (2.3 * (1 - p)).astype(np.float32),
+           "kl_parent": rng.random(logit.shape).astype(np.float32),
+           "agree_parent": np.ones(logit.shape, np.float32)}
+  return StateTable(fam, labels, pred, correct, feats, None, {"num_classes": 10}, {})
+
+
+@pytest.fixture(scope="module")
+def tables():
+  fam = family()
+  return {k: synthetic_table(fam, n, i) for i, (k, n) in
+          enumerate((("fit", 3000), ("cal", 1500), ("test", 1500)))}
+
+
+def test_kmeans_finds_separated_clusters():
+  rng = np.random.default_rng(0)
+  centers = np.array([[0, 0], [10, 0], [0, 10]])
+  x = np.concatenate([c + rng.normal(0, 0.5, (100, 2)) for c in centers])[None]
+  labels = targets.kmeans(np.repeat(x, 2, axis=0).astype(np.float32), 3)
+  for row in labels:
+    groups = [set(row[i * 100:(i + 1) * 100]) for i in range(3)]
+    assert all(len(g) == 1 for g in groups) and len(set.union(*groups)) == 3
+  with pytest.raises(ValueError, match="k"):
+    targets.kmeans(x.astype(np.float32), 301)
+
+
+def test_soft_targets_are_smoothed_cluster_rates(tables):
+  t = tables["fit"]
+  err = targets.candidate_errors(t)
+  fam = t.family
+  assert err.shape == (fam.num_states, t.num_samples, len(fam.candidates))
+  s, c = 0, 1 + 1 * fam.num_gates + 2  # root float -> w4a4 to the last exit
+  np.testing.assert_array_equal(err[s, :, c], ~t.correct[fam.cand_state[s, c]])
+  assert (err[:, :, ~fam.cand_mask.any(0)] == 0).all()
+  assign = targets.clusters(features.build_features(t, cluster_only=True), min_cluster=100)
+  soft = targets.soft_targets(err, assign, alpha=10.0)
+  members = assign[s] == assign[s, 0]
+  rate = (err[s, members, c].sum() + 10 * err[s, :, c].mean()) / (members.sum() + 10)
+  np.testing.assert_allclose(soft[s, 0, c], rate, rtol=1e-5)
+  assert len(np.unique(assign[s])) > 10
+  # Soft targets carry the signal: they rank errors better than chance.
+  assert q.metrics.auroc(soft[s, :, 0], err[s, :, 0] > 0) > 0.7
+
+
+def test_features(tables):
+  t = tables["test"]
+  fam = t.family
+  x = features.build_features(t)
+  names = features.feature_names(t)
+  assert x.shape == (fam.num_states, t.num_samples, len(names))
+  anc = features.switch_ancestor(fam)
+  s = fam.find(["float", "w4a4", "w4a4"])
+  assert anc[s] == fam.find(["float"])
+  assert anc[fam.find(["float", "float", "float"])] == -1
+  col = names.index("agree_switch")
+  np.testing.assert_array_equal(x[s, :, col], t.pred[s] == t.pred[anc[s]])
+  assert x[s, 0, names.index("level=w4a4")] == 1 and x[s, 0, names.index("start=float")] == 1
+  assert x[s, 0, names.index("switched")] == 1
+
+
+def test_predictor_learns_and_round_trips(tables, tmp_path):
+  t = tables["fit"]
+  x, err = features.build_features(t), targets.candidate_errors(t)
+  cfg = predictor.PredictorConfig(epochs=15, hidden=8)
+  params, hist = predictor.train(x, err, t.family, cfg)
+  assert hist["val"][-1] < hist["val"][0]
+  pred = predictor.predict(params, features.build_features(tables["test"]), t.family.gate)
+  test_err = targets.candidate_errors(tables["test"])
+  assert q.metrics.auroc(pred[0, :, 0], test_err[0, :, 0] > 0) > 0.75
+  quantized = predictor.predict(params, features.build_features(tables["test"]), t.family.gate, "w8a8")
+  assert np.abs(quantized - pred).max() < 0.1
+  predictor.save(params, str(tmp_path / "pred"))
+  back = predictor.load(str(tmp_path / "pred"))
+  jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, params))
+  with pytest.raises(ValueError, match="targets"):
+    predictor.train(x, err[:, :, :3], t.family, cfg)
+
+
+def test_restrict(tables):
+  t = tables["test"]
+  sub = t.restrict(family("exit_only"))
+  assert sub.num_states == 9
+  s = sub.family.find(["w4a4", "w4a4"])
+  np.testing.assert_array_equal(sub.correct[s], t.correct[t.family.find(["w4a4", "w4a4"])])
+  const = q.build_family("constant", LADDER, (1, 2, 3), t.family.costs)
+  with pytest.raises(ValueError, match="lacks"):
+    t.restrict(const).restrict(family("switch_once"))
+
+
+def test_diagnostics_count_hurt_and_helped(tables):
+  t = tables["test"]
+  fam = t.family
+  pred = np.zeros((fam.num_states, t.num_samples, len(fam.candidates)), np.float32)
+  d = diagnostics.switch_signal(t, pred)
+  e = next(e for e in d if e["gate"] == 0 and e["from"] == "float" and e["to"] == "w2a4")
+  stay, switch = fam.find(["float"] * 3), fam.find(["float", "w2a4", "w2a4"])
+  assert e["hurt"] == int((t.correct[stay] & ~t.correct[switch]).sum())
+  assert e["helped"] == int((~t.correct[stay] & t.correct[switch]).sum())
+  assert e["auroc_hurt_among_right"] == 0.5  # constant scores
+  flips = diagnostics.flips(t)
+  assert len(flips) == 3
+
+
+def test_overhead_of_predictors_and_heads_is_under_one_percent():
+  # The Fashion-MNIST default model and predictor, counted by the same cost model.
+  from experiments.configs import fashion_mnist
+  c = fashion_mnist.get_config("")
+  cfg = q.vit.ViTConfig(**c.model)
+  params = q.vit.init(jax.random.key(0), cfg)
+  bb = q.vit.backbone(cfg)
+  ladder = q.parse_ladder(c.ladder)
+  costs = q.backbone_costs(bb, params, np.zeros((1, 28, 28, 1), np.float32), ladder)
+  fam = q.build_family(c.family, q.precision.ladder_names(ladder), bb.exits, costs)
+  num_features = 5 + 3 + 2 + 8 + 2 * len(ladder) + len(cfg.exits) + 1
+  overhead = predictor.gate_overhead(fam, num_features, predictor.PredictorConfig(**c.eval.predictor))
+  assert costs.heads.sum() + overhead.sum() < 0.01
+
+
+def test_evaluate_signal_recovery():
+  # Two levels: the planted one is the only cheap level, so routing by the signal pays.
+  fam = family(ladder=("float", "w2a4"))
+  t = [synthetic_table(fam, n, i) for i, n in enumerate((3000, 1500, 1500))]
+  cfg = evaluate.EvalConfig(seeds=(0,), predictor=predictor.PredictorConfig(epochs=25, hidden=16),
+                            variants=("quee",))
+  out = evaluate.signal_recovery(*t, "w2a4", cfg)
+  vis, hid = out["visible"], out["hidden"]
+  # Paths with a w2a4 block are cheap only after a float first block (the start level
+  # cannot depend on the sample), so the signal pays at budgets above one float block.
+  gain = lambda r: r["quee"]["acc_at_budget"]["0.5"] - r["naive"]["acc_at_budget"]["0.5"]
+  assert gain(vis) > 0.03, out
+  assert vis["switch_after_first_block"]["auroc_hurt_among_right"] > 0.9, out
+  assert abs(gain(hid)) < 0.02, out
+  assert abs(hid["switch_after_first_block"]["auroc_hurt_among_right"] - 0.5) < 0.1, out
+
+
+def test_evaluate_budget_mode_and_fallback(tables):
+  cfg = evaluate.EvalConfig(seeds=(0, 1), predictor=predictor.PredictorConfig(epochs=10),
+                            variants=("quee",))
+  res = evaluate.evaluate(tables["fit"], tables["cal"], tables["test"], cfg)
+  q_ = res["methods"]["quee"]
+  for b, e in q_["budget_mode"].items():
+    budget = float(b)
+    for seed_run in q_["seeds"]:
+      run = seed_run["budget_mode"][b]
+      assert run["cal_cost"] <= budget + 1e-9
+      naive = run["naive"]
+      if run["fallback"]:
+        assert naive["cal_accuracy"] > run["cal_accuracy"]
+      # On cal, the operating point is never below the naive combination's.
+      chosen_cal = naive["cal_accuracy"] if run["fallback"] else run["cal_accuracy"]
+      assert naive is None or chosen_cal >= naive["cal_accuracy"]
+  assert res["full_model"]["cost"] == pytest.approx(1.0, abs=1e-3)
+  oracle = res["methods"]["oracle_path"]
+  assert oracle["auc"] >= max(m["auc"] for m in res["methods"].values())
+
+
+def test_shrinkage_keeps_signal_and_drops_noise():
+  fam = family(ladder=("float", "w2a4"))
+  rng = np.random.default_rng(0)
+  S, N, C = fam.num_states, 4000, len(fam.candidates)
+  errors = (rng.random((S, N, C)) < 0.3).astype(np.float32)
+  ref = predictor.reference_slot(fam)
+  informative = errors * 0.8 + 0.1  # predictions that track the true outcome
+  noise = rng.random((S, N, C)).astype(np.float32)  # predictions unrelated to it
+  for pred, lo, hi in ((informative, 0.9, 1.0), (noise, 0.0, 0.1)):
+    shrink = predictor.shrinkage(pred, errors, fam)
+    other = fam.cand_mask.copy()
+    other[np.arange(S), ref] = False
+    beta = shrink["beta"][other]
+    assert lo <= np.median(beta) <= hi, np.median(beta)
+  shrink = predictor.shrinkage(noise, errors, fam)
+  out = predictor.apply_shrinkage(noise, shrink, fam)
+  # With no signal, each candidate's difference to the reference is the population one.
+  s, c = 0, int(np.flatnonzero(other[0])[0])
+  diff = out[s, :, c] - out[s, :, ref[s]]
+  true = (errors[s, :, c] - errors[s, :, ref[s]]).mean()
+  assert abs(np.median(diff) - true) < 0.05
