@@ -10,6 +10,7 @@ resumed mid-run), accuracy.json, tables/{fit,cal,test}/, predictors/ (orbax),
 results.json, report.md and curves.png.
 """
 
+import dataclasses
 import json
 import logging as pylogging
 import os
@@ -138,7 +139,8 @@ def main(argv):
                                 save_dir=os.path.join(wd, "predictors"))
     if c.eval.signal_level:
       results["signal_recovery"] = evaluate.signal_recovery(
-          tables["fit"], tables["cal"], tables["test"], c.eval.signal_level, eval_cfg)
+          tables["fit"], tables["cal"], tables["test"], c.eval.signal_level,
+          dataclasses.replace(eval_cfg, seeds=tuple(c.eval.signal_seeds)))
     timings["evaluate"] = time.time() - t0
     results["config"] = {"eval": eval_key}
     results["device"] = jax.devices()[0].device_kind

@@ -15,7 +15,8 @@ Public API (see README.md and docs/method.md):
 """
 
 from quee_jax import (baselines, collect, cost, data, diagnostics, evaluate, features, metrics,
-                      paths, policy, precision, predictor, synthetic, table, targets, train)
+                      paths, plotting, policy, precision, predictor, report, synthetic, table,
+                      targets, train)
 from quee_jax.backbone import Backbone
 from quee_jax.collect import collect_table, make_collect_fn, softmax_features, state_outputs
 from quee_jax.cost import CostTable, MacCount, backbone_costs, bops, count_macs

@@ -38,7 +38,8 @@ def plot_curves(results: dict, path: str) -> None:
   ax.set_xscale("log", base=2)
   ax.set_xlim(1 / 80, 1.1)
   lo = 100 * min(m["acc_at_budget"]["0.0625"] for m in results["methods"].values())
-  ax.set_ylim(max(0, lo - 5), 100 * max(full["accuracy"], 0) + 3)
+  hi = 100 * max(p["accuracy"] for m in results["methods"].values() for p in m["points"])
+  ax.set_ylim(max(0, lo - 5), min(100.5, hi + 1.5))
   ax.set_xlabel(f"mean counted cost ({results['cost_unit']}, full model = 1)")
   ax.set_ylabel("test accuracy (%)")
   ax.set_title(f"{results.get('dataset', '')}: ladder {', '.join(results['ladder'])}, "

@@ -55,5 +55,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       seeds=(0, 1, 2), min_cluster=100, max_clusters=32, alpha=10.0,
       predictor=dict(hidden=16, epochs=40, batch_size=128, learning_rate=3e-3,
                      weight_decay=1e-4, val_fraction=0.2, patience=6, level="w8a8", seed=0),
-      signal_level="w2a4"))  # semi-synthetic signal-recovery check ("" to skip)
+      # Semi-synthetic signal-recovery check ("" to skip), with its own seeds.
+      signal_level="w2a4", signal_seeds=(0,)))
   return c
