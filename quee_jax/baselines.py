@@ -94,18 +94,13 @@ def apply_thresholds(max_prob: np.ndarray, thresholds: np.ndarray) -> np.ndarray
 def confidence_exit(fit: StateTable, table: StateTable, level: int,
                     ratios=DEFAULT_RATIOS) -> list[dict]:
   """Confidence early exit at one level: thresholds fitted on `fit`, applied to `table`."""
-  fam = table.family
-  states = chain(fam, level)
+  states = chain(fit.family, level)
   points = []
   for r in ratios:
     thr = fit_thresholds(fit.features["max_prob"][states], msdnet_shares(len(states), r))
-    exit_idx = apply_thresholds(table.features["max_prob"][states], thr)
-    chosen = states[exit_idx]
-    cols = np.arange(table.num_samples)
-    points.append({"param": {"level": fam.ladder[level], "ratio": float(r),
-                             "thresholds": [float(t) for t in thr]},
-                   "cost": float(fam.cost[chosen].mean()),
-                   "accuracy": float(table.correct[chosen, cols].mean())})
+    param = {"level": fit.family.ladder[level], "ratio": float(r),
+             "thresholds": [float(t) for t in thr]}
+    points.append({"param": param, **confidence_points_at(table, param)})
   return points
 
 

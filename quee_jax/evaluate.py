@@ -78,22 +78,22 @@ def fit_variant(tables: dict[str, StateTable], family_name: str | None, target_k
   base = tables["fit"].family
   name = family_name or base.name
   fam = paths.build_family(name, base.ladder, base.exits, base.costs, base.start_levels)
-  sub = {k: t.restrict(fam) for k, t in tables.items()}
-  x_fit = features.build_features(sub["fit"])
-  errors = targets.candidate_errors(sub["fit"])
+  fit = tables["fit"].restrict(fam)
+  x_fit = features.build_features(fit)
+  errors = targets.candidate_errors(fit)
   if target_kind == "soft":
     if assign is None:
       assign = fit_clusters(tables["fit"], seed, cfg)
-    own = {tuple(h[h >= 0]): s for s, h in enumerate(base.history)}
-    rows = np.array([own[tuple(h[h >= 0])] for h in fam.history])
-    y = targets.soft_targets(errors, assign[rows], alpha=cfg.alpha)
+    y = targets.soft_targets(errors, assign[base.rows_of(fam)], alpha=cfg.alpha)
   else:
     y = errors
   pcfg = dataclasses.replace(cfg.predictor, seed=seed)
   params, history = predictor.train(x_fit, y, fam, pcfg)
+  # The predictor's cost changes the states' costs, not their features.
   fam = fam.with_gate_overhead(predictor.gate_overhead(fam, x_fit.shape[-1], pcfg))
   sub = {k: t.restrict(fam) for k, t in tables.items()}
-  predicted = {k: predictor.predict(params, features.build_features(t), fam.gate, pcfg.level)
+  predicted = {k: predictor.predict(params, x_fit if k == "fit" else features.build_features(t),
+                                    fam.gate, pcfg.level)
                for k, t in sub.items()}
   if cfg.shrink:
     val = history["val_samples"]
@@ -128,14 +128,13 @@ def _best_under(cal_points: list[dict], budget: float) -> dict | None:
   return max(ok, key=lambda p: p["cal_accuracy"]) if ok else None
 
 
-def _naive_on_cal(fit: StateTable, cal: StateTable, test: StateTable) -> list[dict]:
-  """Every confidence-exit configuration of every level, measured on cal and test."""
+def _naive_on_cal(test_points: list[dict], cal: StateTable) -> list[dict]:
+  """Every confidence-exit configuration (test points of all levels), also measured on cal."""
   out = []
-  for q in range(len(fit.family.ladder)):
-    for p in baselines.confidence_exit(fit, test, q):
-      on_cal = baselines.confidence_points_at(cal, p["param"])
-      out.append({"param": p["param"], "cal_cost": on_cal["cost"], "cal_accuracy": on_cal["accuracy"],
-                  "test_cost": p["cost"], "test_accuracy": p["accuracy"]})
+  for p in test_points:
+    on_cal = baselines.confidence_points_at(cal, p["param"])
+    out.append({"param": p["param"], "cal_cost": on_cal["cost"], "cal_accuracy": on_cal["accuracy"],
+                "test_cost": p["cost"], "test_accuracy": p["accuracy"]})
   return out
 
 
@@ -179,10 +178,10 @@ def evaluate(fit: StateTable, cal: StateTable, test: StateTable, cfg: EvalConfig
     pts = fn(test)
     methods[name] = {"points": metrics.pareto(pts), **metrics.summarize(pts, num_classes)}
 
-  naive_cal = _naive_on_cal(fit, cal, test)
+  naive_cal = _naive_on_cal(envelope, cal)
   methods["ee_confidence"]["budget_mode"] = {k: _best_under(naive_cal, b)
                                              for k, b in REPORT_BUDGETS.items()}
-  diag, calibration = {}, {}
+  diag, calibration, heads_and_predictors = {}, {}, None
   assigns = {}  # seed -> clusters, shared by the variants with soft targets
   for variant in cfg.variants:
     family_name, kind = VARIANTS[variant]
@@ -209,8 +208,7 @@ def evaluate(fit: StateTable, cal: StateTable, test: StateTable, cfg: EvalConfig
                 "cal": diagnostics.summary(cal.restrict(fitted.family), fitted.predicted["cal"])}
         err = targets.candidate_errors(test_t)
         calibration = {"ece_test": metrics.expected_calibration_error(
-            fitted.predicted["test"][:, :, :][np.broadcast_to(fitted.family.cand_mask[:, None],
-                                                               err.shape)],
+            fitted.predicted["test"][np.broadcast_to(fitted.family.cand_mask[:, None], err.shape)],
             err[np.broadcast_to(fitted.family.cand_mask[:, None], err.shape)])}
         heads_and_predictors = float(fitted.family.costs.heads.sum()
                                      + fitted.family.gate_overhead.sum())
@@ -225,8 +223,7 @@ def evaluate(fit: StateTable, cal: StateTable, test: StateTable, cfg: EvalConfig
       "ladder": list(fam.ladder), "family": fam.name, "cost_unit": fam.costs.unit,
       "float_bits": fam.costs.float_bits, "seeds": list(cfg.seeds),
       "full_model": {"accuracy": full["accuracy"], "cost": full["cost"], "level": full["level"]},
-      "overhead": {"heads_and_predictors_all_gates": heads_and_predictors if "quee" in cfg.variants
-                   else None},
+      "overhead": {"heads_and_predictors_all_gates": heads_and_predictors},
       "methods": methods, "diagnostics": diag,
   }
 

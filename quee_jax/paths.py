@@ -21,6 +21,7 @@ Families (DESIGN.md §1):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -115,17 +116,30 @@ class PathFamily:
     """Level name of every block the state has run."""
     return [self.ladder[q] for q in self.history[state] if q >= 0]
 
+  @functools.cached_property
+  def index(self) -> dict[tuple[int, ...], int]:
+    """State of each history (a tuple of level indices, one per block run)."""
+    return {tuple(int(q) for q in h[h >= 0]): s for s, h in enumerate(self.history)}
+
   def find(self, levels: Sequence[str]) -> int:
     """Index of the state whose per-block level history is `levels` (names)."""
     try:
       key = tuple(self.ladder.index(name) for name in levels)
     except ValueError:
       raise ValueError(f"levels: names must come from the ladder {self.ladder}, got {levels}")
-    depth = len(key)
-    for s in np.flatnonzero(np.asarray(self.exits)[self.gate] == depth):
-      if tuple(self.history[s, :depth]) == key:
-        return int(s)
-    raise ValueError(f"levels: no state of family {self.name!r} has history {list(levels)}")
+    if key not in self.index:
+      raise ValueError(f"levels: no state of family {self.name!r} has history {list(levels)}")
+    return self.index[key]
+
+  def rows_of(self, other: "PathFamily") -> np.ndarray:
+    """[other's S] this family's state with the same history as each of `other`'s states."""
+    if other.ladder != self.ladder:
+      raise ValueError(f"family: ladder {other.ladder} differs from {self.ladder}")
+    try:
+      return np.array([self.index[key] for key in other.index])
+    except KeyError as e:
+      raise ValueError(f"family: {other.name!r} has a history the {self.name!r} family"
+                       f" lacks: {[other.ladder[q] for q in e.args[0]]}") from None
 
   def spec(self) -> dict:
     """What determines the family (JSON-serializable); `from_spec` rebuilds it."""

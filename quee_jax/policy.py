@@ -21,6 +21,7 @@ import dataclasses
 
 import numpy as np
 
+from quee_jax.baselines import chain
 from quee_jax.paths import EXIT, PathFamily
 from quee_jax.table import StateTable
 
@@ -63,20 +64,14 @@ def _choose(errors: np.ndarray, dcost: np.ndarray, mask: np.ndarray, lam: np.nda
 
 def start_errors(fit: StateTable) -> np.ndarray:
   """[num_start_levels, G] population error rate (fit split) of each constant-level path."""
-  fam = fit.family
   err = 1.0 - fit.accuracy()
-  out = np.zeros((len(fam.start_levels), fam.num_gates))
-  for i, q in enumerate(fam.start_levels):
-    for g in range(fam.num_gates):
-      out[i, g] = err[fam.find([fam.ladder[q]] * fam.exits[g])]
-  return out
+  return np.stack([err[chain(fit.family, q)] for q in fit.family.start_levels])
 
 
 def start_levels(family: PathFamily, population_err: np.ndarray, lambdas: np.ndarray) -> np.ndarray:
   """Root state chosen before block 1 for each λ [L]."""
-  roots = np.array([family.find([family.ladder[q]] * family.exits[0]) for q in family.start_levels])
-  cost = np.array([[family.cost[family.find([family.ladder[q]] * family.exits[g])]
-                    for g in range(family.num_gates)] for q in family.start_levels])
+  chains = np.stack([chain(family, q) for q in family.start_levels])  # [start levels, G]
+  roots, cost = chains[:, 0], family.cost[chains]
   flat_err, flat_cost = population_err.reshape(-1), cost.reshape(-1)
   if not family.cand_mask[roots, EXIT].any():  # quant_only: only full depth counts
     valid = np.tile(np.arange(family.num_gates) == family.num_gates - 1, len(family.start_levels))

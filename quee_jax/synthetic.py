@@ -30,7 +30,6 @@ def plant_signal(table: StateTable, level: str, seed: int, visible: bool = True)
   if low == top:
     raise ValueError(f"level: {level!r} is the top level; plant the signal in a lower one")
   z = np.random.default_rng(seed).random(table.num_samples)
-  index = {tuple(h[h >= 0]): s for s, h in enumerate(fam.history)}
   pred, correct = table.pred.copy(), table.correct.copy()
   num_classes = int(table.backbone.get("num_classes", table.labels.max() + 1))
   wrong_class = (table.labels + 1) % num_classes
@@ -39,7 +38,7 @@ def plant_signal(table: StateTable, level: str, seed: int, visible: bool = True)
     hist = fam.history[s][fam.history[s] >= 0]
     if low not in hist:
       continue
-    twin = index.get(tuple(np.where(hist == low, top, hist)), s)
+    twin = fam.index.get(tuple(int(q) for q in np.where(hist == low, top, hist)), s)
     pred[s] = np.where(harmless, table.pred[twin], wrong_class)
     correct[s] = np.where(harmless, table.correct[twin], False)
   feats = dict(table.features)

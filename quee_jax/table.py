@@ -66,14 +66,7 @@ class StateTable:
     E.g. exit_only and constant tables from a switch_once table, without
     collecting again; also re-costs states when `family` has other costs.
     """
-    own = {tuple(h[h >= 0]): s for s, h in enumerate(self.family.history)}
-    try:
-      idx = np.array([own[tuple(h[h >= 0])] for h in family.history])
-    except KeyError as e:
-      raise ValueError(f"family: {family.name!r} has a history the {self.family.name!r} table"
-                       f" lacks: {[family.ladder[q] for q in e.args[0]]}") from None
-    if family.ladder != self.family.ladder:
-      raise ValueError(f"family: ladder {family.ladder} differs from the table's {self.family.ladder}")
+    idx = self.family.rows_of(family)
     take = lambda a: None if a is None else a[idx]
     return StateTable(family=family, labels=self.labels, pred=self.pred[idx],
                       correct=self.correct[idx],

@@ -14,6 +14,7 @@ with the parameters an uninterrupted run would have.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any, Callable
@@ -262,13 +263,20 @@ def train_exit_heads(cfg: vit.ViTConfig, params: Params, split: Split, tc: Train
   return {**frozen, "heads": heads}
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _exit_predictions(params: Params, images: jax.Array, cfg: vit.ViTConfig, levels) -> jax.Array:
+  # Module-level and keyed on (cfg, levels), so per-epoch evaluations compile once.
+  return jnp.argmax(vit.forward(params, images, cfg, levels)[0], -1)
+
+
 def evaluate_exits(cfg: vit.ViTConfig, params: Params, split: Split,
                    levels: Level | str | list = FLOAT, batch_size: int = 500) -> np.ndarray:
   """Accuracy of every exit on `split` with blocks at `levels` (one level or one per block)."""
-  forward = jax.jit(lambda p, x: jnp.argmax(vit.forward(p, x, cfg, levels)[0], -1))
+  levels = (precision.parse_level(levels) if isinstance(levels, (Level, str))
+            else tuple(precision.parse_level(q) for q in levels))
   correct, n = np.zeros(len(cfg.exits)), 0
   for batch in split.batches(batch_size):
-    pred = np.asarray(forward(params, batch.images))
+    pred = np.asarray(_exit_predictions(params, batch.images, cfg, levels))
     correct += ((pred == batch.labels) & batch.mask).sum(axis=1)
     n += batch.mask.sum()
   return correct / n
