@@ -4,31 +4,109 @@ r"""The pipeline: backbone -> exit heads -> state tables -> QuEE and baselines -
   python -m experiments.run --config experiments/configs/fashion_mnist.py --workdir /tmp/fm \
       --stages=tables,evaluate,report --config.eval.seeds=0,1,2
 
+Stages (`--stages`, default all):
+  backbone    train the ViT (or import `init_from` and fine-tune it, or use it as is)
+  exit_heads  train every exit head on the frozen backbone; accuracy.json
+  tables      state tables of the fit, cal and test splits
+  evaluate    targets, predictors, policies, baselines and oracles -> results.json
+  report      report.md (results table) and curves.png
+
 Every stage writes into WORKDIR and is skipped when its output is there and was
-made with the same config values: backbone/ and exit_heads/ (orbax checkpoints,
-resumed mid-run), accuracy.json, tables/{fit,cal,test}/, predictors/ (orbax),
-results.json, report.md and curves.png.
+made with the same config values; a changed value reruns the stages it affects
+and those after them. An interrupted run resumes: training from its latest
+orbax checkpoint, tables split by split, evaluation run by run (predictors/).
+The whole config is checked before any work; a bad value stops the run with a
+message naming its key.
 """
+
+from __future__ import annotations
 
 import dataclasses
 import json
 import logging as pylogging
 import os
+import shutil
+import sys
 import time
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import quee_jax as q
-from quee_jax import data, evaluate, plotting, predictor, report, train
+from quee_jax import data, evaluate, plotting, predictor, report, train, vit_import
+from quee_jax.precision import Ladder, Level
 
 STAGES = ("backbone", "exit_heads", "tables", "evaluate", "report")
-config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).")
-flags.DEFINE_string("workdir", None, "Where checkpoints, tables and results go.")
-flags.DEFINE_list("stages", list(STAGES), f"Stages to run, of {STAGES}.")
-flags.mark_flags_as_required(["config", "workdir"])
-FLAGS = flags.FLAGS
+COST_UNITS = ("bops", "macs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The config, checked and turned into the library's typed settings."""
+
+  model: q.vit.ViTConfig
+  ladder: Ladder
+  backbone: train.TrainConfig | None  # None: the init_from checkpoint as it is
+  exit_heads: train.TrainConfig
+  exit_heads_level: Level
+  eval: evaluate.EvalConfig
+  stages: tuple[str, ...]
+
+
+def _checked(key: str, build, *args, **kwargs):
+  """build(*args, **kwargs), its errors prefixed with the config key they came from."""
+  try:
+    return build(*args, **kwargs)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"--config.{key}: {e}") from None
+
+
+def make_plan(c: ml_collections.ConfigDict, stages=STAGES) -> Plan:
+  """Checks every config value the stages use; raises ValueError naming the key."""
+  unknown = set(stages) - set(STAGES)
+  if unknown or not stages:
+    raise ValueError(f"--stages: expected some of {STAGES}, got {list(stages)}")
+  if c.dataset not in data.DATASETS:
+    raise ValueError(f"--config.dataset: unknown {c.dataset!r}; expected one of {sorted(data.DATASETS)}")
+  for k, v in c.splits.items():
+    if k not in data.SPLITS or (v is not None and (isinstance(v, bool) or not isinstance(v, int)
+                                                   or v < 0)):
+      raise ValueError(f"--config.splits.{k}: expected one of {data.SPLITS} with a"
+                       f" non-negative int, got {v!r}")
+  model = _checked("model", q.vit.ViTConfig, **c.model)
+  ladder = _checked("ladder", q.parse_ladder, c.ladder)
+  if c.family not in q.FAMILIES:
+    raise ValueError(f"--config.family: unknown {c.family!r}; expected one of {sorted(q.FAMILIES)}")
+  if c.cost_unit not in COST_UNITS:
+    raise ValueError(f"--config.cost_unit: expected one of {COST_UNITS}, got {c.cost_unit!r}")
+  if c.init_from is None:  # common.require_checkpoint
+    raise ValueError("--config.init_from: this config fine-tunes or evaluates a pretrained ViT;"
+                     " give the path of its big_vision / vit_jax .npz checkpoint")
+  if c.init_from and not os.path.exists(c.init_from):
+    raise ValueError(f"--config.init_from: no checkpoint at {c.init_from!r}")
+  if c.backbone.epochs == 0:
+    if not c.init_from:
+      raise ValueError("--config.backbone.epochs: 0 (no training) needs --config.init_from")
+    backbone = None
+  else:
+    backbone = _checked("backbone", train.TrainConfig, **c.backbone)
+  exit_heads = _checked("exit_heads", train.TrainConfig, **c.exit_heads)
+  heads_level = _checked("exit_heads_level", q.parse_level, c.exit_heads_level)
+  for k in ("batch_size", "summary_dim"):
+    v = c.collect[k]
+    if isinstance(v, bool) or not isinstance(v, int) or v < (k == "batch_size"):
+      raise ValueError(f"--config.collect.{k}: expected a {'positive' if k == 'batch_size' else 'non-negative'} int, got {v!r}")
+  pred = _checked("eval.predictor", predictor.PredictorConfig, **c.eval.predictor)
+  ev = c.eval
+  eval_cfg = _checked("eval", evaluate.EvalConfig, seeds=tuple(ev.seeds), predictor=pred,
+                      min_cluster=ev.min_cluster, max_clusters=ev.max_clusters, alpha=ev.alpha,
+                      variants=tuple(ev.variants), budgets=tuple(ev.budgets))
+  if ev.signal_level and ev.signal_level not in q.precision.ladder_names(ladder):
+    raise ValueError(f"--config.eval.signal_level: expected a level of the ladder"
+                     f" {q.precision.ladder_names(ladder)} or '', got {ev.signal_level!r}")
+  return Plan(model, ladder, backbone, exit_heads, heads_level, eval_cfg, tuple(stages))
 
 
 def _plain(value):
@@ -51,78 +129,96 @@ def _write_json(path: str, obj: dict) -> None:
   os.replace(tmp, path)
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # orbax chatter; our progress lines stay
-  pylogging.getLogger("quee_jax").setLevel(pylogging.INFO)
-  c, wd = FLAGS.config, FLAGS.workdir
-  unknown = set(FLAGS.stages) - set(STAGES)
-  if unknown:
-    raise ValueError(f"--stages: unknown {sorted(unknown)}; expected some of {STAGES}")
-  model = q.vit.ViTConfig(**c.model)
-  ladder = q.parse_ladder(c.ladder)
-  backbone_tc, heads_tc = train.TrainConfig(**c.backbone), train.TrainConfig(**c.exit_heads)
-  eval_cfg = evaluate.EvalConfig(seeds=tuple(c.eval.seeds),
-                                 predictor=predictor.PredictorConfig(**c.eval.predictor),
-                                 min_cluster=c.eval.min_cluster, max_clusters=c.eval.max_clusters,
-                                 alpha=c.eval.alpha)
+def _stage_dir(workdir: str, name: str, config: dict) -> str:
+  """workdir/name for checkpoints made with config; emptied if they were made with another."""
+  path = os.path.join(workdir, name)
+  stamp = os.path.join(path, "config.json")
+  if os.path.isdir(path) and not _same(stamp, name, config):
+    shutil.rmtree(path)
+  if not os.path.exists(stamp):
+    os.makedirs(path, exist_ok=True)
+    _write_json(stamp, {"config": {name: config}})
+  return path
+
+
+def _print_accuracy(table: dict, exits, num_test: int) -> None:
+  print(f"\ntest accuracy (%) per exit and level ({num_test} images):")
+  print("| level | " + " | ".join(f"exit {e}" for e in exits) + " |")
+  print("|---" * (len(exits) + 1) + "|")
+  for level, accs in table.items():
+    print(f"| {level} | " + " | ".join(f"{100 * a:.2f}" for a in accs) + " |")
+
+
+def run(c: ml_collections.ConfigDict, workdir: str, stages=STAGES) -> dict[str, float]:
+  """Runs the selected stages into workdir; returns the wall time of each stage run."""
+  plan = make_plan(c, stages)
+  model, wd = plan.model, workdir
   os.makedirs(wd, exist_ok=True)
   splits = data.load_splits(c.dataset, dict(c.splits), seed=c.seed, image_size=model.image_size,
                             source=c.source, data_dir=c.data_dir or None)
-  data.check_model_input(splits.train, model.image_size, model.channels)
-  timings = {}
+  _checked("model", data.check_model_input, splits.train, model.image_size, model.channels)
+  timings: dict[str, float] = {}
   params = None
+
+  backbone_cfg = _plain({"model": c.model.to_dict(), "backbone": c.backbone.to_dict(),
+                         "init_from": c.init_from, "init_head": c.init_head, "dataset": c.dataset,
+                         "seed": c.seed, "splits": c.splits.to_dict()})
+  model_cfg = {**backbone_cfg, "exit_heads": c.exit_heads.to_dict(),
+               "exit_heads_level": c.exit_heads_level}
 
   def trained_params():
     # Finished checkpoints restore at once; unfinished ones resume training.
     nonlocal params
     if params is None:
       t0 = time.time()
-      p = train.train_backbone(model, splits.train, backbone_tc, os.path.join(wd, "backbone"),
-                               eval_split=splits.test)
+      p = None
+      if c.init_from:
+        p = vit_import.import_big_vision(c.init_from, model, jax.random.key(c.seed),
+                                         load_head=c.init_head)
+      if plan.backbone is not None:
+        p = train.train_backbone(model, splits.train, plan.backbone,
+                                 _stage_dir(wd, "backbone", backbone_cfg), params=p,
+                                 eval_split=splits.cal)  # a progress signal; test stays unseen
       timings["backbone"] = time.time() - t0
       t0 = time.time()
-      params = train.train_exit_heads(model, p, splits.train, heads_tc,
-                                      os.path.join(wd, "exit_heads"), level=c.exit_heads_level)
+      params = train.train_exit_heads(model, p, splits.train, plan.exit_heads,
+                                      _stage_dir(wd, "exit_heads", model_cfg),
+                                      level=plan.exit_heads_level)
       timings["exit_heads"] = time.time() - t0
     return params
 
-  model_cfg = {"model": c.model.to_dict(), "backbone": c.backbone.to_dict(),
-               "exit_heads": c.exit_heads.to_dict(), "dataset": c.dataset, "seed": c.seed,
-               "splits": c.splits.to_dict()}
-  if {"backbone", "exit_heads"} & set(FLAGS.stages):
+  if {"backbone", "exit_heads"} & set(plan.stages):
     acc_path = os.path.join(wd, "accuracy.json")
-    trained_params()
     if not _same(acc_path, "model", model_cfg) or not _same(acc_path, "ladder", c.ladder):
-      table = train.accuracy_table(model, params, splits.test, ladder)
+      table = train.accuracy_table(model, trained_params(), splits.test, plan.ladder)
+      train_s = dict(timings)
+      if _same(acc_path, "model", model_cfg):  # only the ladder changed: keep the training times
+        with open(acc_path) as f:
+          train_s = json.load(f)["train_s"]
       _write_json(acc_path, {"config": {"model": model_cfg, "ladder": c.ladder},
-                             "test_accuracy": table, "train_s": timings,
+                             "test_accuracy": table, "train_s": train_s,
                              "device": jax.devices()[0].device_kind})
     with open(acc_path) as f:
-      table = json.load(f)["test_accuracy"]
-    print(f"\ntest accuracy (%) per exit and level ({splits.sizes()['test']} images):")
-    print("| level | " + " | ".join(f"exit {e}" for e in model.exits) + " |")
-    print("|---" * (len(model.exits) + 1) + "|")
-    for level, accs in table.items():
-      print(f"| {level} | " + " | ".join(f"{100 * a:.2f}" for a in accs) + " |")
+      _print_accuracy(json.load(f)["test_accuracy"], model.exits, splits.sizes()["test"])
 
   bb = q.vit.backbone(model)
-  table_cfg = _plain({"model": model_cfg, "ladder": c.ladder, "family": c.family, "cost_unit": c.cost_unit,
-               "summary_dim": c.collect.summary_dim})
+  names = q.precision.ladder_names(plan.ladder)
+  table_cfg = _plain({"model": model_cfg, "ladder": c.ladder, "family": c.family,
+                      "cost_unit": c.cost_unit, "summary_dim": c.collect.summary_dim})
   tables = {}
-  if "tables" in FLAGS.stages or "evaluate" in FLAGS.stages:
+  if {"tables", "evaluate"} & set(plan.stages):
     costs = None
     for split in ("fit", "cal", "test"):
       path = os.path.join(wd, "tables", split)
       if os.path.exists(os.path.join(path, "meta.json")):
-        t = q.load_table(path, ladder=q.precision.ladder_names(ladder), family=c.family)
+        t = q.load_table(path, ladder=names, family=c.family)
         if t.meta.get("config") == table_cfg:
           tables[split] = t
           continue
       p = trained_params()
       if costs is None:
-        costs = q.backbone_costs(bb, p, splits.fit.images[:1], ladder, unit=c.cost_unit)
-      fam = q.build_family(c.family, q.precision.ladder_names(ladder), bb.exits, costs)
+        costs = q.backbone_costs(bb, p, splits.fit.images[:1], plan.ladder, unit=c.cost_unit)
+      fam = q.build_family(c.family, names, bb.exits, costs)
       t0 = time.time()
       tables[split] = q.collect_table(bb, p, fam, splits[split].images, splits[split].labels,
                                       c.collect.batch_size, summary_dim=c.collect.summary_dim,
@@ -132,37 +228,56 @@ def main(argv):
 
   results_path = os.path.join(wd, "results.json")
   eval_key = _plain({"tables": table_cfg, "eval": c.eval.to_dict()})
-  if "evaluate" in FLAGS.stages and not _same(results_path, "eval", eval_key):
+  if "evaluate" in plan.stages and not _same(results_path, "eval", eval_key):
     t0 = time.time()
-    results = evaluate.evaluate(tables["fit"], tables["cal"], tables["test"], eval_cfg,
+    # Runs already saved under predictors/ for these tables and settings are loaded.
+    results = evaluate.evaluate(tables["fit"], tables["cal"], tables["test"], plan.eval,
                                 meta={"dataset": c.dataset},
                                 save_dir=os.path.join(wd, "predictors"))
     if c.eval.signal_level:
       results["signal_recovery"] = evaluate.signal_recovery(
           tables["fit"], tables["cal"], tables["test"], c.eval.signal_level,
-          dataclasses.replace(eval_cfg, seeds=tuple(c.eval.signal_seeds)))
+          dataclasses.replace(plan.eval, seeds=tuple(c.eval.signal_seeds)),
+          save_dir=os.path.join(wd, "predictors", "signal"))
     timings["evaluate"] = time.time() - t0
     results["config"] = {"eval": eval_key}
     results["device"] = jax.devices()[0].device_kind
     _write_json(results_path, results)
 
-  if "report" in FLAGS.stages and os.path.exists(results_path):
+  if "report" in plan.stages and os.path.exists(results_path):
     with open(results_path) as f:
       results = json.load(f)
-    text = (f"# {c.dataset}: QuEE results\n\nladder {', '.join(results['ladder'])}; family "
-            f"{results['family']}; cost in {results['cost_unit']} (full model = 1); seeds "
-            f"{results['seeds']}; full model test accuracy {100 * results['full_model']['accuracy']:.2f}%.\n\n"
-            + report.methods_table(results) + "\n\n## Budget mode (λ chosen on cal)\n\n"
-            + report.budget_table(results) + "\n\n## Diagnostics (test)\n\n"
-            + report.diagnostics_tables(results) + "\n")
     with open(os.path.join(wd, "report.md"), "w") as f:
-      f.write(text)
+      f.write(report.markdown(results) + "\n")
     plotting.plot_curves(results, os.path.join(wd, "curves.png"))
     print("\n" + report.methods_table(results))
     print(f"\nwrote {os.path.join(wd, 'report.md')} and {os.path.join(wd, 'curves.png')}")
   for stage, secs in timings.items():
     print(f"stage {stage}: {secs:.1f} s")
+  return timings
 
 
 if __name__ == "__main__":
-  app.run(main)
+  config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).")
+  flags.DEFINE_string("workdir", None, "Where checkpoints, tables and results go.")
+  flags.DEFINE_list("stages", list(STAGES), f"Stages to run, of {STAGES}.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax chatter; our progress lines stay
+    pylogging.getLogger("quee_jax").setLevel(pylogging.INFO)
+    try:
+      run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.stages)
+    except ValueError as e:  # bad input: the message says what to change
+      sys.exit(f"error: {e}")
+
+  def parse_flags(argv):
+    try:
+      return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown key
+      sys.exit(f"error: --config: no such key {str(e).strip(chr(34))} (check the override's spelling)")
+    except (TypeError, ValueError, flags.Error) as e:
+      sys.exit(f"error: {e}")
+
+  app.run(main, flags_parser=parse_flags)

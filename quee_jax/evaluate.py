@@ -9,15 +9,18 @@ diagnostics, and returns what `results.json` holds (see `docs/method.md`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+import shutil
 from typing import Sequence
 
 import numpy as np
 
 from quee_jax import (baselines, diagnostics, features, metrics, paths, policy, predictor,
                       synthetic, targets)
-from quee_jax.metrics import REPORT_BUDGETS
+from quee_jax.metrics import REPORT_BUDGETS, budget_key
 from quee_jax.paths import PathFamily
 from quee_jax.table import StateTable
 
@@ -42,8 +45,10 @@ class EvalConfig:
   num_lambdas: int = 64
   shrink: bool = True  # calibrate per-sample differences between candidates (predictor.shrinkage)
   variants: tuple[str, ...] = tuple(VARIANTS)
+  budgets: tuple[float, ...] = REPORT_BUDGETS  # budget mode's targets, fractions of the full cost
 
   def __post_init__(self):
+    object.__setattr__(self, "budgets", metrics.check_budgets(self.budgets, "EvalConfig.budgets"))
     if not self.seeds:
       raise ValueError("seeds: expected at least one seed")
     unknown = set(self.variants) - set(VARIANTS)
@@ -103,29 +108,121 @@ def fit_variant(tables: dict[str, StateTable], family_name: str | None, target_k
   return Fitted(fam, params, history, policy.start_errors(sub["fit"]), predicted)
 
 
-def _budget_mode(fitted: Fitted, cal: StateTable, test: StateTable, naive_cal: list[dict]) -> dict:
-  """λ chosen on cal per budget; falls back to the naive combination where it is better on cal."""
+def _budget_mode(fitted: Fitted, cal: StateTable, test: StateTable, budgets: Sequence[float],
+                 naive: dict) -> dict:
+  """λ chosen on cal per budget; falls back to the naive combination where it is better on cal.
+
+  naive: the naive combination's budget mode, {budget key: `_best_mix` or None}.
+  """
   cal_t, test_t = cal.restrict(fitted.family), test.restrict(fitted.family)
   run = lambda t, split, lam: policy.simulate(t, fitted.predicted[split], fitted.population_err,
                                               np.array([lam]))
   out = {}
-  for key, budget in REPORT_BUDGETS.items():
-    lam = policy.lambda_for_budget(lambda l: float(run(cal_t, "cal", l).mean_cost()[0]), budget)
-    on_cal, on_test = run(cal_t, "cal", lam), run(test_t, "test", lam)
-    naive = _best_under(naive_cal, budget)
-    entry = {"lambda": lam, "cal_cost": float(on_cal.mean_cost()[0]),
-             "cal_accuracy": float(on_cal.accuracy()[0]),
-             "test_cost": float(on_test.mean_cost()[0]), "test_accuracy": float(on_test.accuracy()[0]),
-             "naive": naive, "fallback": False}
-    if naive is not None and naive["cal_accuracy"] > entry["cal_accuracy"]:
-      entry.update(fallback=True, test_cost=naive["test_cost"], test_accuracy=naive["test_accuracy"])
+  for budget in budgets:
+    key = budget_key(budget)
+    naive_point = naive[key]
+    mix = policy.budget_mix(lambda l: float(run(cal_t, "cal", l).mean_cost()[0]), budget)
+    own = {}
+    for name, t in (("cal", cal_t), ("test", test_t)):
+      # Expected values of the per-sample coin between the two λ.
+      both = [run(t, name, mix.lam), run(t, name, mix.lam_rich)]
+      for what, fn in (("cost", "mean_cost"), ("accuracy", "accuracy")):
+        own[f"{name}_{what}"] = float((1 - mix.p_rich) * getattr(both[0], fn)()[0]
+                                      + mix.p_rich * getattr(both[1], fn)()[0])
+    fallback = naive_point is not None and naive_point["cal_accuracy"] > own["cal_accuracy"]
+    chosen = naive_point if fallback else own
+    # The chosen operating point's numbers first; the policy's own mix beside them.
+    entry = {k: chosen[k] for k in own}
+    entry.update(fallback=fallback, policy={"lambda": mix.lam, "lambda_rich": mix.lam_rich,
+                                            "p_rich": mix.p_rich, **own}, naive=naive_point)
     out[key] = entry
   return out
 
 
-def _best_under(cal_points: list[dict], budget: float) -> dict | None:
-  ok = [p for p in cal_points if p["cal_cost"] <= budget + 1e-12]
-  return max(ok, key=lambda p: p["cal_accuracy"]) if ok else None
+def _run(fitted: Fitted, cal: StateTable, test: StateTable, naive: dict,
+         cfg: EvalConfig, num_classes: int, details: bool) -> dict:
+  """One seed of one variant on test: its λ sweep, summary and budget mode.
+
+  details: also the diagnostics and calibration (reported for one run).
+  """
+  test_t = test.restrict(fitted.family)
+  lambdas = policy.lambda_grid(fitted.family, cfg.num_lambdas)
+  res = policy.simulate(test_t, fitted.predicted["test"], fitted.population_err, lambdas)
+  pts = res.points()
+  run = {"points": pts, **metrics.summarize(pts, num_classes, cfg.budgets),
+         "budget_mode": _budget_mode(fitted, cal, test, cfg.budgets, naive),
+         "predictor_epochs": fitted.history["epochs"],
+         "predictor_cost_per_gate": float(fitted.family.gate_overhead[0])}
+  if details:
+    err = targets.candidate_errors(test_t)
+    mask = np.broadcast_to(fitted.family.cand_mask[:, None], err.shape)
+    run["details"] = {
+        "diagnostics": {"test": diagnostics.summary(test_t, fitted.predicted["test"]),
+                        "cal": diagnostics.summary(cal.restrict(fitted.family),
+                                                   fitted.predicted["cal"])},
+        "calibration": {"ece_test": metrics.expected_calibration_error(
+            fitted.predicted["test"][mask], err[mask])},
+        "heads_and_predictors": float(fitted.family.costs.heads.sum()
+                                      + fitted.family.gate_overhead.sum()),
+    }
+  # Through JSON, so that a fresh run and one loaded from disk are the same values.
+  return json.loads(json.dumps(run))
+
+
+def _fingerprint(fit: StateTable, cal: StateTable, test: StateTable, cfg: EvalConfig) -> str:
+  """What saved runs depend on: the config, the family and each table's content."""
+  h = hashlib.sha256(json.dumps([dataclasses.asdict(cfg), test.family.spec()],
+                                sort_keys=True, default=str).encode())
+  for t in (fit, cal, test):
+    for a in (t.labels, t.correct, t.logits, t.summary, *(t.features[k] for k in sorted(t.features))):
+      if a is not None:
+        h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+def _claim(save_dir: str, fingerprint: str) -> None:
+  """Empties save_dir unless it holds runs made with this fingerprint."""
+  path = os.path.join(save_dir, "fingerprint.txt")
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == fingerprint:
+        return
+  if os.path.isdir(save_dir):
+    shutil.rmtree(save_dir)
+  os.makedirs(save_dir)
+  with open(path, "w") as f:
+    f.write(fingerprint)
+
+
+def _write_json(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f)
+  os.replace(path + ".tmp", path)
+
+
+def _best_mix(cal_points: list[dict], budget: float) -> dict | None:
+  """The naive combination's budget mode, mixed as QuEE's is (`policy.BudgetMix`).
+
+  Among pairs (a point within the budget on cal, a dearer one) mixed to spend
+  the budget in expectation, or a point alone, the best on cal; its expected
+  cal and test cost and accuracy. None if no point is within the budget.
+  """
+  get = lambda k: np.array([p[k] for p in cal_points], np.float64)
+  cost, acc = get("cal_cost"), get("cal_accuracy")
+  cheap = np.flatnonzero(cost <= budget + 1e-12)
+  if not len(cheap):
+    return None
+  rich = np.concatenate([np.flatnonzero(cost > budget + 1e-12), cheap[:1]])  # + "no mix"
+  gap = cost[rich][None] - cost[cheap][:, None]  # [cheap, rich]
+  w = np.where(gap > 0, np.clip((budget - cost[cheap][:, None]) / np.where(gap > 0, gap, 1), 0, 1), 0)
+  w[:, -1] = 0.0
+  score = (1 - w) * acc[cheap][:, None] + w * acc[rich][None]
+  i, j = np.unravel_index(np.argmax(score), score.shape)
+  a, b, p = cal_points[cheap[i]], cal_points[rich[j]], float(w[i, j])
+  return {"param": a["param"], "param_rich": b["param"] if p else a["param"], "p_rich": p,
+          **{k: float((1 - p) * a[k] + p * b[k]) for k in ("cal_cost", "cal_accuracy",
+                                                          "test_cost", "test_accuracy")}}
 
 
 def _naive_on_cal(test_points: list[dict], cal: StateTable) -> list[dict]:
@@ -144,7 +241,7 @@ def _aggregate(per_seed: list[dict]) -> dict:
   out = {k: float(np.mean([s[k] for s in per_seed])) for k in keys}
   out.update({f"{k}_spread": float(np.ptp([s[k] for s in per_seed])) for k in keys})
   out["acc_at_budget"] = {b: float(np.mean([s["acc_at_budget"][b] for s in per_seed]))
-                          for b in REPORT_BUDGETS}
+                          for b in per_seed[0]["acc_at_budget"]}
   return out
 
 
@@ -152,35 +249,40 @@ def evaluate(fit: StateTable, cal: StateTable, test: StateTable, cfg: EvalConfig
              meta: dict | None = None, save_dir: str | None = None) -> dict:
   """Every method on the same tables; the content of results.json.
 
-  save_dir: if given, each variant's predictors are saved (orbax) to
-  save_dir/<variant>/seed_<k>.
+  save_dir: if given, each (variant, seed) run is saved as it finishes: its
+    predictors (orbax) to save_dir/<variant>/seed_<k> and its results beside
+    them as seed_<k>.json. A rerun on the same tables and config loads the
+    saved runs instead of training again, so an interrupted evaluation resumes;
+    anything saved for other tables or another config is deleted first.
   """
   fam = test.family
   for name, t in (("fit", fit), ("cal", cal)):
     if t.family.spec() != fam.spec():
       raise ValueError(f"{name}: table of another family/ladder/costs than the test table")
+  if save_dir is not None:
+    _claim(save_dir, _fingerprint(fit, cal, test, cfg))
   num_classes = int(test.backbone.get("num_classes", test.labels.max() + 1))
   tables = {"fit": fit, "cal": cal, "test": test}
   full = baselines.full_model(test)
   methods: dict[str, dict] = {}
 
   static = baselines.static(test)
-  methods["static"] = {"points": static, **metrics.summarize(static, num_classes)}
+  methods["static"] = {"points": static, **metrics.summarize(static, num_classes, cfg.budgets)}
   envelope = []
   for q, level in enumerate(fam.ladder):
     pts = baselines.confidence_exit(fit, test, q)
     envelope += pts
-    methods[f"ee_confidence@{level}"] = {"points": pts, **metrics.summarize(pts, num_classes)}
+    methods[f"ee_confidence@{level}"] = {"points": pts, **metrics.summarize(pts, num_classes, cfg.budgets)}
   methods["ee_confidence"] = {"points": metrics.pareto(envelope),
-                              **metrics.summarize(envelope, num_classes)}
+                              **metrics.summarize(envelope, num_classes, cfg.budgets)}
   for name, fn in (("oracle_path", baselines.path_oracle),
                    ("oracle_consistency", baselines.consistency_oracle)):
     pts = fn(test)
-    methods[name] = {"points": metrics.pareto(pts), **metrics.summarize(pts, num_classes)}
+    methods[name] = {"points": metrics.pareto(pts), **metrics.summarize(pts, num_classes, cfg.budgets)}
 
   naive_cal = _naive_on_cal(envelope, cal)
-  methods["ee_confidence"]["budget_mode"] = {k: _best_under(naive_cal, b)
-                                             for k, b in REPORT_BUDGETS.items()}
+  naive = {budget_key(b): _best_mix(naive_cal, b) for b in cfg.budgets}
+  methods["ee_confidence"]["budget_mode"] = naive
   diag, calibration, heads_and_predictors = {}, {}, None
   assigns = {}  # seed -> clusters, shared by the variants with soft targets
   for variant in cfg.variants:
@@ -189,29 +291,25 @@ def evaluate(fit: StateTable, cal: StateTable, test: StateTable, cfg: EvalConfig
       continue
     runs = []
     for seed in cfg.seeds:
-      log.info("%s: training predictors, seed %d", variant, seed)
-      if kind == "soft" and seed not in assigns:
-        assigns[seed] = fit_clusters(fit, seed, cfg)
-      fitted = fit_variant(tables, family_name, kind, seed, cfg, assigns.get(seed))
-      if save_dir is not None:
-        predictor.save(fitted.params, os.path.join(save_dir, variant, f"seed_{seed}"))
-      test_t = test.restrict(fitted.family)
-      lambdas = policy.lambda_grid(fitted.family, cfg.num_lambdas)
-      res = policy.simulate(test_t, fitted.predicted["test"], fitted.population_err, lambdas)
-      pts = res.points()
-      runs.append({"seed": seed, "points": pts, **metrics.summarize(pts, num_classes),
-                   "budget_mode": _budget_mode(fitted, cal, test, naive_cal),
-                   "predictor_epochs": fitted.history["epochs"],
-                   "predictor_cost_per_gate": float(fitted.family.gate_overhead[0])})
-      if seed == cfg.seeds[0] and variant == "quee":
-        diag = {"test": diagnostics.summary(test_t, fitted.predicted["test"]),
-                "cal": diagnostics.summary(cal.restrict(fitted.family), fitted.predicted["cal"])}
-        err = targets.candidate_errors(test_t)
-        calibration = {"ece_test": metrics.expected_calibration_error(
-            fitted.predicted["test"][np.broadcast_to(fitted.family.cand_mask[:, None], err.shape)],
-            err[np.broadcast_to(fitted.family.cand_mask[:, None], err.shape)])}
-        heads_and_predictors = float(fitted.family.costs.heads.sum()
-                                     + fitted.family.gate_overhead.sum())
+      saved = save_dir and os.path.join(save_dir, variant, f"seed_{seed}.json")
+      if saved and os.path.exists(saved):
+        with open(saved) as f:
+          run = json.load(f)
+      else:
+        log.info("%s: training predictors, seed %d", variant, seed)
+        if kind == "soft" and seed not in assigns:
+          assigns[seed] = fit_clusters(fit, seed, cfg)
+        fitted = fit_variant(tables, family_name, kind, seed, cfg, assigns.get(seed))
+        run = _run(fitted, cal, test, naive, cfg, num_classes,
+                   details=seed == cfg.seeds[0] and variant == "quee")
+        if saved:
+          predictor.save(fitted.params, saved[:-len(".json")])
+          _write_json(saved, run)
+      details = run.pop("details", None)
+      if details:
+        diag, calibration = details["diagnostics"], details["calibration"]
+        heads_and_predictors = details["heads_and_predictors"]
+      runs.append({"seed": seed, **run})
     methods[variant] = {"points": runs[0]["points"], "seeds": runs, **_aggregate(runs),
                         "budget_mode": _mean_budget_mode([r["budget_mode"] for r in runs])}
     if variant == "quee":
@@ -230,7 +328,7 @@ def evaluate(fit: StateTable, cal: StateTable, test: StateTable, cfg: EvalConfig
 
 def _mean_budget_mode(per_seed: Sequence[dict]) -> dict:
   out = {}
-  for key in REPORT_BUDGETS:
+  for key in per_seed[0]:
     entries = [s[key] for s in per_seed]
     out[key] = {
         "test_cost": float(np.mean([e["test_cost"] for e in entries])),
@@ -244,7 +342,7 @@ def _mean_budget_mode(per_seed: Sequence[dict]) -> dict:
 
 
 def signal_recovery(fit: StateTable, cal: StateTable, test: StateTable, level: str,
-                    cfg: EvalConfig = EvalConfig()) -> dict:
+                    cfg: EvalConfig = EvalConfig(), save_dir: str | None = None) -> dict:
   """QuEE vs the naive combination on tables with a planted precision signal.
 
   See `quee_jax.synthetic`. With the signal visible QuEE should beat the naive
@@ -257,7 +355,8 @@ def signal_recovery(fit: StateTable, cal: StateTable, test: StateTable, level: s
   for visible in (True, False):
     planted = [synthetic.plant_signal(t, level, seed=i, visible=visible)
                for i, t in enumerate((fit, cal, test))]
-    res = evaluate(*planted, small)
+    res = evaluate(*planted, small, save_dir=save_dir and os.path.join(
+        save_dir, "visible" if visible else "hidden"))
     q, naive = res["methods"]["quee"], res["methods"]["ee_confidence"]
     switches = [e for e in res["diagnostics"]["test"]["switch_signal"]
                 if e["gate"] == 0 and e["from"] == top and e["to"] == level]

@@ -16,7 +16,24 @@ import numpy as np
 
 BUDGETS = tuple(2.0 ** (-k / 4) for k in range(25))
 BUDGETS_16 = BUDGETS[:17]
-REPORT_BUDGETS = {"0.0625": 1 / 16, "0.125": 1 / 8, "0.25": 1 / 4, "0.5": 1 / 2}
+REPORT_BUDGETS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
+
+
+def budget_key(budget: float) -> str:
+  """A budget as results.json names it: 1/16 -> '0.0625'."""
+  return f"{budget:g}"
+
+
+def check_budgets(budgets: Sequence[float], arg: str = "budgets") -> tuple[float, ...]:
+  """Budgets as a tuple; raises ValueError unless each is a fraction in (0, 1]."""
+  budgets = tuple(budgets)
+  if not budgets:
+    raise ValueError(f"{arg}: expected at least one budget in (0, 1]")
+  for b in budgets:
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
+      raise ValueError(f"{arg}: expected budgets in (0, 1] (fractions of the full model's"
+                       f" cost), got {b!r}")
+  return budgets
 
 
 def accuracy_at(points: Sequence[dict], budget: float, num_classes: int) -> float:
@@ -25,7 +42,8 @@ def accuracy_at(points: Sequence[dict], budget: float, num_classes: int) -> floa
   return max(eligible) if eligible else 1.0 / num_classes
 
 
-def summarize(points: Sequence[dict], num_classes: int) -> dict:
+def summarize(points: Sequence[dict], num_classes: int,
+              budgets: Sequence[float] = REPORT_BUDGETS) -> dict:
   """auc, auc_16, min_cost and acc_at_budget of a method's test points."""
   if not points:
     raise ValueError("points: expected at least one {'cost', 'accuracy'} point, got none")
@@ -33,7 +51,7 @@ def summarize(points: Sequence[dict], num_classes: int) -> dict:
       "auc": float(np.mean([accuracy_at(points, c, num_classes) for c in BUDGETS])),
       "auc_16": float(np.mean([accuracy_at(points, c, num_classes) for c in BUDGETS_16])),
       "min_cost": float(min(p["cost"] for p in points)),
-      "acc_at_budget": {k: accuracy_at(points, c, num_classes) for k, c in REPORT_BUDGETS.items()},
+      "acc_at_budget": {budget_key(c): accuracy_at(points, c, num_classes) for c in budgets},
   }
 
 

@@ -126,18 +126,14 @@ def lambda_grid(family: PathFamily, num: int = 48) -> np.ndarray:
   return np.concatenate([[0.0], np.geomspace(lo, hi, num - 1)])
 
 
-def lambda_for_budget(mean_cost_fn, budget: float, lo: float = 0.0, hi: float = 1e6,
-                      iters: int = 40) -> float:
-  """Smallest λ (bisection in log space) whose mean cost on cal is at most `budget`.
-
-  mean_cost_fn: λ -> mean cost; assumed non-increasing in λ.
-  """
+def _bracket(mean_cost_fn, budget: float, hi: float, iters: int) -> tuple[float, float]:
+  """(a, b): λ = b is the smallest λ found with mean cost <= budget, a < b one above it."""
   if not 0 < budget:
     raise ValueError(f"budget: expected > 0, got {budget}")
-  if mean_cost_fn(lo) <= budget:
-    return lo
+  if mean_cost_fn(0.0) <= budget:
+    return 0.0, 0.0
   if mean_cost_fn(hi) > budget:
-    return hi  # the cheapest the policy can be; the caller reports the cost it reaches
+    return hi, hi  # the cheapest the policy can be; the caller reports the cost it reaches
   a, b = 1e-9, hi
   for _ in range(iters):
     mid = np.sqrt(a * b)
@@ -145,4 +141,45 @@ def lambda_for_budget(mean_cost_fn, budget: float, lo: float = 0.0, hi: float = 
       b = mid
     else:
       a = mid
-  return float(b)
+  if mean_cost_fn(a) <= budget:  # the bisection never went above budget: a is 1e-9
+    a = 0.0
+  return float(a), float(b)
+
+
+def lambda_for_budget(mean_cost_fn, budget: float, hi: float = 1e6, iters: int = 40) -> float:
+  """Smallest λ (bisection in log space) whose mean cost on cal is at most `budget`.
+
+  mean_cost_fn: λ -> mean cost; assumed non-increasing in λ.
+  """
+  return _bracket(mean_cost_fn, budget, hi, iters)[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetMix:
+  """Two operating points mixed per sample to spend a budget in expectation.
+
+  The curve of a deterministic policy jumps (e.g. from every sample at w8a8 to
+  every sample at float): the λ meeting a budget can spend far less. Each
+  sample takes the next more expensive λ instead with probability p_rich (a
+  coin per sample), so the expected mean cost is the budget.
+  """
+
+  lam: float       # cheapest-side λ: mean cost <= budget
+  lam_rich: float  # the next λ up: mean cost > budget
+  p_rich: float    # probability that a sample uses lam_rich
+
+
+def budget_mix(mean_cost_fn, budget: float, hi: float = 1e6, iters: int = 40) -> BudgetMix:
+  """The mix of the two λ around `budget` whose expected mean cost equals it (on cal)."""
+  rich, lam = _bracket(mean_cost_fn, budget, hi, iters)
+  c_lam, c_rich = mean_cost_fn(lam), mean_cost_fn(rich)
+  if rich == lam or c_rich <= c_lam:
+    return BudgetMix(lam, lam, 0.0)
+  return BudgetMix(lam, rich, mix_weight(c_lam, c_rich, budget))
+
+
+def mix_weight(cheap_cost: float, rich_cost: float, budget: float) -> float:
+  """p with (1 - p) * cheap_cost + p * rich_cost = budget, in [0, 1]."""
+  if rich_cost <= cheap_cost:
+    return 0.0
+  return float(np.clip((budget - cheap_cost) / (rich_cost - cheap_cost), 0.0, 1.0))

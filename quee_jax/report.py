@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from quee_jax.metrics import REPORT_BUDGETS
-
 ORDER = ("quee", "quee_raw_targets", "quee_exit_only", "quee_quant_only", "ee_confidence",
          "static", "oracle_consistency", "oracle_path")
 
@@ -16,7 +14,7 @@ def methods_table(results: dict) -> str:
   """One row per method: auc, auc_16, min cost, accuracy at each budget (test, %)."""
   methods = results["methods"]
   names = [m for m in ORDER if m in methods] + sorted(m for m in methods if m not in ORDER)
-  budgets = list(REPORT_BUDGETS)
+  budgets = list(next(iter(methods.values()))["acc_at_budget"])
   head = ("| method | auc | auc_16 | min cost | " + " | ".join(f"acc@{b}" for b in budgets)
           + " | seed spread (auc / auc_16) |")
   lines = [head, "|" + "---|" * (len(budgets) + 5)]
@@ -34,14 +32,16 @@ def budget_table(results: dict) -> str:
   q = results["methods"].get("quee")
   if not q:
     return ""
-  lines = ["| budget | QuEE test cost | QuEE test acc | fallbacks to naive | naive test cost | naive test acc |",
-           "|---|---|---|---|---|---|"]
+  lines = ["| budget | QuEE cal cost | QuEE test cost | QuEE test acc (seed spread) |"
+           " fallbacks to naive | naive test cost | naive test acc |",
+           "|---|---|---|---|---|---|---|"]
   for b, e in q["budget_mode"].items():
     n = e["naive"]
     naive_cost = "—" if n is None else f"{n['test_cost']:.4f}"
     naive_acc = "—" if n is None else _pct(n["test_accuracy"])
-    lines.append(f"| {b} | {e['test_cost']:.4f} | {_pct(e['test_accuracy'])} | {e['fallbacks']} | "
-                 f"{naive_cost} | {naive_acc} |")
+    lines.append(f"| {b} | {e['cal_cost']:.4f} | {e['test_cost']:.4f} | {_pct(e['test_accuracy'])}"
+                 f" ({_pct(e['test_accuracy_spread'])}) | {e['fallbacks']} | {naive_cost} |"
+                 f" {naive_acc} |")
   return "\n".join(lines)
 
 
@@ -59,3 +59,14 @@ def diagnostics_tables(results: dict, split: str = "test") -> str:
     lines.append(f"| {e['after_block']} | {e['from']} → {e['to']} | {e['hurt']} | {e['helped']} | "
                  f"{e['auroc_hurt_vs_helped']:.3f} | {e['auroc_hurt_among_right']:.3f} |")
   return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+  """report.md: the setting, the methods table, budget mode and diagnostics."""
+  return (f"# {results.get('dataset', '')}: QuEE results\n\nladder {', '.join(results['ladder'])};"
+          f" family {results['family']}; cost in {results['cost_unit']} (full model = 1); seeds"
+          f" {results['seeds']}; full model test accuracy"
+          f" {100 * results['full_model']['accuracy']:.2f}%.\n\n"
+          + methods_table(results) + "\n\n## Budget mode (λ chosen on cal)\n\n"
+          + budget_table(results) + "\n\n## Diagnostics (test)\n\n"
+          + diagnostics_tables(results))

@@ -1,48 +1,132 @@
+"""The experiment entry point: configs, config checks, the pipeline, skipping and resuming."""
+
+import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
-from experiments.configs import fashion_mnist
+from experiments import run as run_lib
+from test_vit_import import big_vision_checkpoint
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
+CONFIGS = {"fashion_mnist": ("", "demo"), "cifar10": ("", "finetune"),
+           "cifar100": ("", "finetune"), "svhn": ("", "finetune"), "imagenet": ("",)}
 
 
-@pytest.mark.parametrize("variant", ["", "demo"])
-def test_fashion_mnist_config_builds(variant):
-  import quee_jax as q
-  from quee_jax import train
-  c = fashion_mnist.get_config(variant)
-  q.vit.ViTConfig(**c.model)
-  train.TrainConfig(**c.backbone)
-  train.TrainConfig(**c.exit_heads)
-  assert len(q.parse_ladder(c.ladder)) == 4 and c.family in q.FAMILIES
+def get_config(name, variant=""):
+  return importlib.import_module(f"experiments.configs.{name}").get_config(variant)
+
+
+@pytest.mark.parametrize("name,variant", [(n, v) for n, vs in CONFIGS.items() for v in vs])
+def test_every_config_passes_its_checks(name, variant, tmp_path):
+  c = get_config(name, variant)
+  if c.init_from is None:  # a config that needs a checkpoint says so first
+    with pytest.raises(ValueError, match="--config.init_from"):
+      run_lib.make_plan(c)
+    c.init_from = str(tmp_path / "ckpt.npz")
+    open(c.init_from, "wb").close()
+  plan = run_lib.make_plan(c)
+  assert len(plan.ladder) == 4 and plan.model.depth >= 6
 
 
 def test_bad_variant_raises():
   with pytest.raises(ValueError, match="variant"):
-    fashion_mnist.get_config("full")
+    get_config("fashion_mnist", "full")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("--config.model.depth=-1", "--config.model: ViTConfig.depth"),
+    ("--config.ladder=float,w8a8,int3", "--config.ladder"),
+    ("--config.eval.budgets=0.25,1.5", "--config.eval: EvalConfig.budgets"),
+    ("--config.model.widht=64", "no such key 'widht'"),
+])
+def test_bad_override_stops_before_any_work(override, key, tmp_path):
+  workdir = tmp_path / "wd"
+  out = subprocess.run([sys.executable, "-m", "experiments.run", "--config",
+                        "experiments/configs/fashion_mnist.py:demo", "--workdir", str(workdir),
+                        override], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and key in last, out.stderr[-2000:]
+  assert not workdir.exists()  # nothing was loaded, trained or written
+
+
+def shrink(c, *, train=64, other=32, patch=8):
+  """Makes any config run one step of every stage in seconds."""
+  c.model.update(dim=16, depth=2, heads=2, mlp_dim=32, patch=patch)
+  if c.model.image_size > 32:
+    c.model.image_size = 32
+  c.splits.update(train=train, fit=other, cal=other, test=other)
+  c.backbone.update(batch_size=train, checkpoint_every=1)
+  if c.backbone.epochs:
+    c.backbone.epochs = 1
+  c.exit_heads.update(epochs=1, batch_size=train, checkpoint_every=1)
+  c.collect.batch_size = other
+  c.eval.update(seeds=(0,), variants=("quee",), signal_level="", min_cluster=8, max_clusters=2)
+  c.eval.predictor.update(epochs=1, batch_size=16)
+  return c
+
+
+@pytest.mark.parametrize("name,variant", [
+    ("fashion_mnist", ""), ("cifar10", ""), ("cifar100", "finetune"), ("svhn", ""),
+    ("imagenet", "")])
+def test_every_config_runs_each_stage_on_mock_data(name, variant, tmp_path, capsys):
+  c = get_config(name, variant)
+  pretrained = c.init_from is None  # the config needs a checkpoint: a synthetic one
+  shrink(c, patch=16 if pretrained else 7 if c.model.image_size == 28 else 8)
+  if pretrained:
+    geometry = {k: c.model[k] for k in ("dim", "depth", "heads", "mlp_dim", "patch")}
+    path = str(tmp_path / "vit.npz")
+    np.savez(path, **big_vision_checkpoint(c.model.num_classes, grid=2, geometry=geometry))
+    c.init_from = path
+  if c.source == "auto":
+    c.source = "tfds"  # the Debian IDX files may be on this machine; mock tfds for all
+  with tfds.testing.mock_data(num_examples=200):
+    timings = run_lib.run(c, str(tmp_path / "wd"))
+  assert {"exit_heads", "tables_fit", "tables_cal", "tables_test", "evaluate"} <= set(timings)
+  results = json.load(open(tmp_path / "wd" / "results.json"))
+  assert results["dataset"] == c.dataset and "quee" in results["methods"]
+  assert (tmp_path / "wd" / "curves.png").exists()
+  assert "| quee |" in capsys.readouterr().out
 
 
 TINY = ["--config.model.dim=16", "--config.model.mlp_dim=32", "--config.model.depth=2",
         "--config.splits.train=500", "--config.splits.fit=300", "--config.splits.cal=200",
         "--config.splits.test=200", "--config.backbone.epochs=1", "--config.exit_heads.epochs=1",
         "--config.backbone.batch_size=50", "--config.exit_heads.batch_size=50",
-        "--config.eval.seeds=0", "--config.eval.predictor.epochs=2",
+        "--config.eval.seeds=0,1", "--config.eval.predictor.epochs=2",
         "--config.eval.predictor.batch_size=32", "--config.eval.signal_level="]
 
 
-def test_pipeline_runs_end_to_end_and_skips_finished_stages(tmp_path):
-  cmd = [sys.executable, "-m", "experiments.run",
-         "--config", "experiments/configs/fashion_mnist.py:demo", "--workdir", str(tmp_path), *TINY]
-  first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert first.returncode == 0, first.stderr[-3000:]
-  assert "| w2a4 |" in first.stdout and "| quee |" in first.stdout
-  acc = json.load(open(tmp_path / "accuracy.json"))["test_accuracy"]
+def pipeline(workdir, **kwargs):
+  cmd = [sys.executable, "-m", "experiments.run", "--config",
+         "experiments/configs/fashion_mnist.py:demo", "--workdir", str(workdir), *TINY]
+  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """An uninterrupted run of the tiny demo pipeline: (workdir, stdout)."""
+  workdir = tmp_path_factory.mktemp("pipeline")
+  out, err = pipeline(workdir).communicate(timeout=900)
+  assert (workdir / "results.json").exists(), err[-3000:]
+  return workdir, out
+
+
+def test_pipeline_runs_end_to_end_and_skips_finished_stages(finished):
+  workdir, stdout = finished
+  assert "| w2a4 |" in stdout and "| quee |" in stdout
+  acc = json.load(open(workdir / "accuracy.json"))["test_accuracy"]
   assert set(acc) == {"float", "w8a8", "w4a4", "w2a4"} and all(len(v) == 2 for v in acc.values())
-  results = json.load(open(tmp_path / "results.json"))
+  results = json.load(open(workdir / "results.json"))
   for key in ("dataset", "split_sizes", "ladder", "family", "cost_unit", "seeds", "full_model",
               "methods", "diagnostics"):
     assert key in results, key
@@ -51,10 +135,54 @@ def test_pipeline_runs_end_to_end_and_skips_finished_stages(tmp_path):
     m = results["methods"][name]
     assert {"points", "auc", "auc_16", "min_cost", "acc_at_budget"} <= set(m), name
   assert set(results["methods"]["quee"]["budget_mode"]) == {"0.0625", "0.125", "0.25", "0.5"}
-  assert (tmp_path / "curves.png").stat().st_size > 10_000
-  assert "| quee |" in (tmp_path / "report.md").read_text()
+  assert (workdir / "curves.png").stat().st_size > 10_000
+  assert "| quee |" in (workdir / "report.md").read_text()
   # A rerun finds every stage done: nothing is trained, collected or evaluated again.
-  again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert "stage tables" not in again.stdout and "stage evaluate" not in again.stdout
-  assert json.load(open(tmp_path / "results.json")) == results
+  out, err = pipeline(workdir).communicate(timeout=900)
+  assert "stage " not in out, err[-3000:]
+  assert json.load(open(workdir / "results.json")) == results
+
+
+def test_changed_eval_value_reruns_only_evaluation(finished, tmp_path):
+  src, _ = finished
+  subprocess.run(["cp", "-r", f"{src}/.", str(tmp_path)], check=True)
+  cmd = [sys.executable, "-m", "experiments.run", "--config",
+         "experiments/configs/fashion_mnist.py:demo", "--workdir", str(tmp_path), *TINY,
+         "--config.eval.budgets=0.25", "--config.eval.seeds=0", "--stages=tables,evaluate"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "stage evaluate" in out.stdout and "stage tables" not in out.stdout
+  assert "stage backbone" not in out.stdout
+  results = json.load(open(tmp_path / "results.json"))
+  assert set(results["methods"]["quee"]["budget_mode"]) == {"0.25"}
+
+
+def _kill_when(proc, path, timeout=600):
+  """SIGKILLs proc as soon as path exists; returns whether it was still running."""
+  t0 = time.time()
+  while not os.path.exists(path):
+    if proc.poll() is not None or time.time() - t0 > timeout:
+      return False
+    time.sleep(0.02)
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  return True
+
+
+@pytest.mark.parametrize("stage,marker", [
+    ("tables", "tables/fit/meta.json"),  # fit written, cal being collected
+    ("evaluate", "predictors/quee/seed_0.json"),  # one of eight runs saved
+])
+def test_killed_mid_stage_resumes_to_the_same_results(finished, stage, marker, tmp_path):
+  src, _ = finished
+  # The training stages resume from orbax checkpoints (tests/test_train.py); start later.
+  for part in ("backbone", "exit_heads", "accuracy.json"):
+    subprocess.run(["cp", "-r", str(src / part), str(tmp_path)], check=True)
+  proc = pipeline(tmp_path, start_new_session=True)
+  assert _kill_when(proc, tmp_path / marker), f"the run ended before reaching {marker}"
+  assert not (tmp_path / "results.json").exists()
+  out, err = pipeline(tmp_path).communicate(timeout=900)
+  assert "stage tables_fit" not in out, err[-3000:]  # the finished split was kept
+  got = json.load(open(tmp_path / "results.json"))
+  want = json.load(open(src / "results.json"))
+  assert got == want

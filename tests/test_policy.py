@@ -113,3 +113,13 @@ def test_lambda_for_budget():
   assert policy.lambda_for_budget(f, 1.0) == 0.0
   with pytest.raises(ValueError, match="budget"):
     policy.lambda_for_budget(f, 0.0)
+
+
+def test_budget_mix_spends_the_budget_across_a_jump():
+  # Every sample at the dear level below λ = 1, every sample at the cheap one above.
+  f = lambda lam: 1.0 if lam < 1.0 else 0.1
+  mix = policy.budget_mix(f, 0.5)
+  assert f(mix.lam) == 0.1 and f(mix.lam_rich) == 1.0
+  assert (1 - mix.p_rich) * 0.1 + mix.p_rich * 1.0 == pytest.approx(0.5)
+  assert policy.budget_mix(f, 1.0) == policy.BudgetMix(0.0, 0.0, 0.0)  # λ = 0 fits
+  assert policy.budget_mix(lambda lam: 0.3, 0.1).p_rich == 0.0  # unreachable: cheapest alone

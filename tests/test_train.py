@@ -21,7 +21,8 @@ RUN = textwrap.dedent("""
     cfg = q.vit.ViTConfig(image_size=28, channels=1, patch=7, dim=16, depth=2, heads=2,
                           mlp_dim=32, num_classes=10)
     split = data.load_splits("fashion_mnist_embedded").cal
-    tc = train.TrainConfig(epochs=0.5, batch_size=32, checkpoint_every=5)  # 23 steps
+    # 23 steps; stochastic depth and mixup draw from keys that resuming must replay
+    tc = train.TrainConfig(epochs=0.5, batch_size=32, checkpoint_every=5, drop_path=0.1, mixup=0.2)
 
     def on_step(step, metrics):
       if step == kill_at:
@@ -100,8 +101,19 @@ def test_restore_with_other_shapes_names_the_key(tmp_path, splits):
     train.train_backbone(wider, splits.train, tc, str(tmp_path / "bb"))
 
 
+def test_mixup_mixes_images_and_labels_with_one_weight():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 28, 28, 1)).astype(np.float32)
+  y = np.array([0, 1, 2, 3, 4, 5])
+  mixed, targets = train.mixup(jax.random.key(3), x, y, 10, alpha=0.4)
+  lam = float(targets[0, 0])
+  assert 0 < lam < 1 and float(targets[0, 5]) == pytest.approx(1 - lam)
+  np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(mixed, lam * x + (1 - lam) * x[::-1], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kw", [{"epochs": 0}, {"batch_size": -1}, {"label_smoothing": 1.0},
-                                {"weight_decay": -0.1}])
+                                {"weight_decay": -0.1}, {"mixup": -0.2}])
 def test_bad_train_config_raises(kw):
   with pytest.raises(ValueError, match=list(kw)[0]):
     train.TrainConfig(**kw)

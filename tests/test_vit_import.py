@@ -10,10 +10,12 @@ from quee_jax.models import vit_import
 TI = dict(dim=192, depth=12, heads=3, mlp_dim=768, patch=16, channels=3)
 
 
-def big_vision_checkpoint(num_classes=1000, grid=14, old=False, seed=0):
-  """A synthetic checkpoint with the exact names and shapes of big_vision's ViT-Ti/16."""
+def big_vision_checkpoint(num_classes=1000, grid=14, old=False, seed=0, geometry=None):
+  """A synthetic checkpoint with the exact names and shapes of big_vision's ViT-Ti/16
+  (or of another geometry: a dict like TI)."""
   rng = np.random.default_rng(seed)
-  d, h, m, p = TI["dim"], TI["heads"], TI["mlp_dim"], TI["patch"]
+  g = geometry or TI
+  d, h, m, p = g["dim"], g["heads"], g["mlp_dim"], g["patch"]
   r = lambda *shape: (0.02 * rng.normal(size=shape)).astype(np.float32)
   ln_names = ("LayerNorm_0", "LayerNorm_2") if old else ("LayerNorm_0", "LayerNorm_1")
   attn = "MultiHeadDotProductAttention_1" if old else "MultiHeadDotProductAttention_0"
@@ -25,7 +27,7 @@ def big_vision_checkpoint(num_classes=1000, grid=14, old=False, seed=0):
     flat["Transformer/posembed_input/pos_embedding"] = r(1, grid * grid + 1, d)
   else:
     flat["pos_embedding"] = r(1, grid * grid, d)
-  for i in range(TI["depth"]):
+  for i in range(g["depth"]):
     b = f"Transformer/encoderblock_{i}/"
     for ln in ln_names:
       flat[b + ln + "/scale"], flat[b + ln + "/bias"] = 1 + r(d), r(d)
@@ -103,4 +105,11 @@ def test_unknown_missing_and_mismatched_keys_are_named():
   del flat["cls"]
   with pytest.raises(ValueError, match="'cls'"):
     vit_import.import_big_vision(flat, cfg, key)
-  assert vit_import.import_big_vision(flat, cfg, key, add_cls_token=True)["cls"].shape == (1, 1, 192)
+  gap = q.vit.ViTConfig(**{**cfg.__dict__, "pool": "gap"})
+  params = vit_import.import_big_vision(flat, gap, key)  # a mean-pooled checkpoint
+  assert "cls" not in params and params["pos_embedding"].shape == (1, 196, 192)
+  with pytest.raises(ValueError, match="pool='cls'"):
+    vit_import.import_big_vision(big_vision_checkpoint(), gap, key)
+  sincos = q.vit.ViTConfig(**{**cfg.__dict__, "posemb": "sincos2d"})
+  with pytest.raises(ValueError, match="posemb='learn'"):
+    vit_import.import_big_vision(big_vision_checkpoint(), sincos, key)

@@ -1,13 +1,16 @@
 """A pure-function Vision Transformer with an exit head after chosen blocks.
 
-Pre-LN encoder as in big_vision's ViT (class token, learned position
-embedding, GELU MLP, LayerNorm eps 1e-6). Every matmul of a block, the attention
+Pre-LN encoder as in big_vision's ViT (GELU MLP, LayerNorm eps 1e-6), with
+its two pooling choices (a class token, or the mean of the patch tokens: 'gap')
+and two position embeddings (learned, or fixed 2-D sin-cos: 'sincos2d'). Every matmul of a block, the attention
 QK^T and AV included, runs at the block's precision level through
 `quee_jax.precision`; the patch embedding (reshape + dense, no convolution) and
-the exit heads (LayerNorm + Dense on the class token) stay float.
+the exit heads (LayerNorm + Dense on the pooled tokens) stay float.
 
 Params are a plain pytree:
-  embedding: {kernel [p*p*c, D], bias [D]}, cls [1, 1, D], pos_embedding [1, T+1, D]
+  embedding: {kernel [p*p*c, D], bias [D]}
+  cls [1, 1, D]                   pool 'cls' only
+  pos_embedding [1, T, D]         posemb 'learn' only (T counts the class token)
   blocks: list of {ln1, qkv {kernel [D, 3D]}, out, ln2, mlp1, mlp2}
   heads: list (one per exit) of {norm {scale, bias}, dense {kernel [D, C], bias}}
 """
@@ -42,6 +45,8 @@ class ViTConfig:
   mlp_dim: int = 384
   num_classes: int = 10
   exits: tuple[int, ...] | None = None
+  pool: str = "cls"  # 'cls' (class token) or 'gap' (mean of the patch tokens)
+  posemb: str = "learn"  # 'learn' or 'sincos2d' (fixed)
 
   def __post_init__(self):
     for name in ("image_size", "channels", "patch", "dim", "depth", "heads",
@@ -55,6 +60,11 @@ class ViTConfig:
     if self.dim % self.heads:
       raise ValueError(
           f"ViTConfig.heads: must divide dim {self.dim}, got {self.heads}")
+    for name, allowed in (("pool", ("cls", "gap")), ("posemb", ("learn", "sincos2d"))):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"ViTConfig.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+    if self.posemb == "sincos2d" and self.dim % 4:
+      raise ValueError(f"ViTConfig.dim: 'sincos2d' needs a multiple of 4, got {self.dim}")
     if self.num_classes < 2:
       raise ValueError(f"ViTConfig.num_classes: expected >= 2, got {self.num_classes}")
     exits = tuple(range(1, self.depth + 1)) if self.exits is None else tuple(self.exits)
@@ -62,8 +72,8 @@ class ViTConfig:
 
   @property
   def num_tokens(self) -> int:
-    """Tokens per image including the class token."""
-    return (self.image_size // self.patch) ** 2 + 1
+    """Tokens per image, the class token included."""
+    return (self.image_size // self.patch) ** 2 + (self.pool == "cls")
 
   def to_dict(self) -> dict:
     return {"model": "vit", **dataclasses.asdict(self), "exits": list(self.exits)}
@@ -94,13 +104,25 @@ def init(key: jax.Array, cfg: ViTConfig) -> Params:
                    "mlp2": _dense_init(k2, cfg.mlp_dim, d)})
   heads = [{"norm": _ln_init(d), "dense": _dense_init(k, d, cfg.num_classes)}
            for k in jax.random.split(k_heads, len(cfg.exits))]
-  return {
+  params = {
       "embedding": _dense_init(k_embed, cfg.patch * cfg.patch * cfg.channels, d),
-      "cls": jnp.zeros((1, 1, d), jnp.float32),
-      "pos_embedding": 0.02 * jax.random.normal(k_pos, (1, cfg.num_tokens, d), jnp.float32),
       "blocks": blocks,
       "heads": heads,
   }
+  if cfg.pool == "cls":
+    params["cls"] = jnp.zeros((1, 1, d), jnp.float32)
+  if cfg.posemb == "learn":
+    params["pos_embedding"] = 0.02 * jax.random.normal(k_pos, (1, cfg.num_tokens, d), jnp.float32)
+  return params
+
+
+def sincos_2d(side: int, dim: int, temperature: float = 10_000.0) -> jax.Array:
+  """Fixed [side*side, dim] embedding: sin and cos of x then y at dim/4 frequencies each."""
+  y, x = jnp.meshgrid(jnp.arange(side), jnp.arange(side), indexing="ij")
+  freqs = 1.0 / temperature ** (jnp.arange(dim // 4) / max(dim // 4 - 1, 1))
+  x = x.reshape(-1, 1) * freqs
+  y = y.reshape(-1, 1) * freqs
+  return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
 
 
 def layer_norm(x: jax.Array, p: Params) -> jax.Array:
@@ -133,8 +155,15 @@ def embed(params: Params, images: jax.Array, cfg: ViTConfig) -> jax.Array:
   check_images(images, cfg)
   x = precision.dense(patchify(images, cfg.patch), params["embedding"]["kernel"],
                       params["embedding"]["bias"], FLOAT)
-  cls = jnp.broadcast_to(params["cls"], (*x.shape[:-2], 1, cfg.dim)).astype(x.dtype)
-  return jnp.concatenate([cls, x], axis=-2) + params["pos_embedding"][0]
+  if cfg.pool == "cls":
+    cls = jnp.broadcast_to(params["cls"], (*x.shape[:-2], 1, cfg.dim)).astype(x.dtype)
+    x = jnp.concatenate([cls, x], axis=-2)
+  if cfg.posemb == "learn":
+    return x + params["pos_embedding"][0]
+  pos = sincos_2d(cfg.image_size // cfg.patch, cfg.dim).astype(x.dtype)
+  if cfg.pool == "cls":  # the class token carries no position
+    pos = jnp.concatenate([jnp.zeros_like(pos[:1]), pos])
+  return x + pos
 
 
 def attention(p: Params, x: jax.Array, cfg: ViTConfig, level: Level) -> jax.Array:
@@ -174,15 +203,20 @@ def block(params: Params, i: int, h: jax.Array, level: Level, cfg: ViTConfig,
   return h + y
 
 
-def exit_summary(params: Params, e: int, h: jax.Array) -> jax.Array:
-  """The class token as exit e's head sees it (after its LayerNorm)."""
-  return layer_norm(h[..., 0, :], params["heads"][e]["norm"])
+def pool(h: jax.Array, cfg: ViTConfig) -> jax.Array:
+  """Tokens [..., T, D] -> [..., D]: the class token, or the mean of all tokens."""
+  return h[..., 0, :] if cfg.pool == "cls" else jnp.mean(h, axis=-2)
 
 
-def exit_head(params: Params, e: int, h: jax.Array) -> jax.Array:
-  """Exit e (index into cfg.exits): LayerNorm + Dense on the class token, float."""
+def exit_summary(params: Params, e: int, h: jax.Array, cfg: ViTConfig) -> jax.Array:
+  """The pooled tokens as exit e's head sees them (after its LayerNorm)."""
+  return layer_norm(pool(h, cfg), params["heads"][e]["norm"])
+
+
+def exit_head(params: Params, e: int, h: jax.Array, cfg: ViTConfig) -> jax.Array:
+  """Exit e (index into cfg.exits): LayerNorm + Dense on the pooled tokens, float."""
   p = params["heads"][e]["dense"]
-  return precision.dense(exit_summary(params, e, h), p["kernel"], p["bias"], FLOAT)
+  return precision.dense(exit_summary(params, e, h, cfg), p["kernel"], p["bias"], FLOAT)
 
 
 def _block_levels(levels: Level | str | Sequence[Level | str], depth: int) -> list[Level]:
@@ -217,7 +251,7 @@ def forward(params: Params, images: jax.Array, cfg: ViTConfig,
     h = block(params, i, h, level, cfg)
     intermediates[f"block_{i + 1}"] = h
     if i + 1 in cfg.exits:
-      logits.append(exit_head(params, cfg.exits.index(i + 1), h))
+      logits.append(exit_head(params, cfg.exits.index(i + 1), h, cfg))
   return jnp.stack(logits), intermediates
 
 
@@ -229,7 +263,7 @@ def backbone(cfg: ViTConfig) -> Backbone:
       num_classes=cfg.num_classes,
       embed=lambda params, images: embed(params, images, cfg),
       block=lambda params, i, h, level: block(params, i, h, level, cfg),
-      exit_head=exit_head,
+      exit_head=lambda params, e, h: exit_head(params, e, h, cfg),
       config=cfg.to_dict(),
-      summary=exit_summary,
+      summary=lambda params, e, h: exit_summary(params, e, h, cfg),
   )

@@ -63,22 +63,19 @@ def resize_posemb(grid: np.ndarray, side: int) -> np.ndarray:
 
 
 def import_big_vision(checkpoint: str | Mapping[str, np.ndarray], cfg: vit.ViTConfig,
-                      key: jax.Array, *, load_head: bool = True,
-                      add_cls_token: bool = False) -> vit.Params:
+                      key: jax.Array, *, load_head: bool = True) -> vit.Params:
   """Params for `cfg` from a big_vision / vit_jax checkpoint.
 
   Args:
     checkpoint: path of the .npz, or its flat {name: array} dict.
-    cfg: our model config; width, depth, heads, mlp_dim and patch must match
-      the checkpoint, image_size may differ (position embeddings are resized).
+    cfg: our model config; width, depth, heads, mlp_dim, patch, pool ('cls' for
+      big_vision's 'tok', 'gap') and posemb must match the checkpoint;
+      image_size may differ (learned position embeddings are resized).
     key: initialises what the checkpoint lacks (intermediate exit heads, and
       the last head when load_head is False).
     load_head: take the checkpoint's head as the last exit head (its class
       count must equal cfg.num_classes); False keeps a fresh head, e.g. to
       fine-tune on another label set. pre_logits layers need False.
-    add_cls_token: for checkpoints without a class token (pool_type 'gap'/'map'),
-      add a zero one; its features differ from the original pooling, so train
-      the exit heads afterwards.
 
   Raises:
     ValueError naming the key that is missing, unknown, or of the wrong shape.
@@ -134,23 +131,27 @@ def import_big_vision(checkpoint: str | Mapping[str, np.ndarray], cfg: vit.ViTCo
   # Position embeddings: ours cover [cls, patch grid]; big_vision's the grid only.
   side = cfg.image_size // p
   pos_name = next((n for n in ("pos_embedding", "Transformer/posembed_input/pos_embedding",
-                               "Transformer/pos_embedding") if n in flat), "pos_embedding")
-  if pos_name not in flat:
-    raise ValueError("checkpoint: missing key 'pos_embedding'")
-  pe = np.asarray(flat[pos_name], np.float32)
-  used.add(pos_name)
-  if pe.ndim != 3 or pe.shape[0] != 1 or pe.shape[2] != d:
-    raise ValueError(f"checkpoint: {pos_name!r} has shape {pe.shape}, expected [1, N, {d}]")
-  n = pe.shape[1]
-  has_cls_pos = int(round(np.sqrt(n - 1))) ** 2 == n - 1 and n > 1
-  cls_pos, grid = (pe[0, :1], pe[0, 1:]) if has_cls_pos else (np.zeros((1, d), np.float32), pe[0])
-  if "cls" in flat:
-    cls = take("cls", (1, 1, d))
-  elif add_cls_token:
-    cls = np.zeros((1, 1, d), np.float32)
-  else:
-    raise ValueError("checkpoint: missing key 'cls' (a 'gap' or 'map' pooled model); our exit"
-                     " heads read a class token: pass add_cls_token=True and train the heads")
+                               "Transformer/pos_embedding") if n in flat), None)
+  if cfg.posemb == "sincos2d" and pos_name is not None:
+    raise ValueError(f"checkpoint: has a learned {pos_name!r}; set ViTConfig.posemb='learn'")
+  if cfg.posemb == "learn":
+    if pos_name is None:
+      raise ValueError("checkpoint: missing key 'pos_embedding' (a fixed sin-cos model? set"
+                       " ViTConfig.posemb='sincos2d')")
+    pe = np.asarray(flat[pos_name], np.float32)
+    used.add(pos_name)
+    if pe.ndim != 3 or pe.shape[0] != 1 or pe.shape[2] != d:
+      raise ValueError(f"checkpoint: {pos_name!r} has shape {pe.shape}, expected [1, N, {d}]")
+    n = pe.shape[1]
+    has_cls_pos = int(round(np.sqrt(n - 1))) ** 2 == n - 1 and n > 1
+    cls_pos, grid = (pe[0, :1], pe[0, 1:]) if has_cls_pos else (np.zeros((1, d), np.float32), pe[0])
+    pos = resize_posemb(grid, side)
+    if cfg.pool == "cls":
+      pos = np.concatenate([cls_pos, pos])
+  if cfg.pool == "cls" and "cls" not in flat:
+    raise ValueError("checkpoint: missing key 'cls' (a mean-pooled model? set ViTConfig.pool='gap')")
+  if cfg.pool == "gap" and "cls" in flat:
+    raise ValueError("checkpoint: has a class token 'cls'; set ViTConfig.pool='cls'")
 
   heads = list(init["heads"])
   if load_head:
@@ -165,13 +166,15 @@ def import_big_vision(checkpoint: str | Mapping[str, np.ndarray], cfg: vit.ViTCo
   params = {
       "embedding": {"kernel": take("embedding/kernel", (p, p, c, d)).reshape(p * p * c, d),
                     "bias": take("embedding/bias", (d,))},
-      "cls": cls,
-      "pos_embedding": np.concatenate([cls_pos, resize_posemb(grid, side)])[None],
       "blocks": blocks,
       "heads": heads,
   }
+  if cfg.pool == "cls":
+    params["cls"] = take("cls", (1, 1, d))
+  if cfg.posemb == "learn":
+    params["pos_embedding"] = pos[None]
   unknown = sorted(set(flat) - used)
   if unknown:
     raise ValueError(f"checkpoint: unknown keys {unknown[:8]}{' ...' if len(unknown) > 8 else ''}"
-                     " (not a plain ViT with class-token pooling?)")
+                     " (not a plain ViT with 'tok' or 'gap' pooling?)")
   return jax.tree.map(jnp.asarray, params)
