@@ -1,8 +1,8 @@
 r"""CIFAR-10: a small ViT from scratch, or ViT-Ti/16 fine-tuned; QuEE over a 4-level ladder.
 
-Expected hardware: one GPU or a TPU VM (the default variant trains 200 epochs:
-about an hour on an A100; 'finetune' about 20 minutes). Data: tfds `cifar10`
-(downloaded on first use, or --config.data_dir).
+Expected hardware: one GPU or a TPU VM (the default variant trains 200 epochs;
+'finetune' 5 epochs at 224x224). Data: tfds `cifar10` (downloaded on first use,
+or --config.data_dir).
 
   python -m experiments.run --config experiments/configs/cifar10.py --workdir $WD
   python -m experiments.run --config experiments/configs/cifar10.py:finetune \

@@ -1,7 +1,7 @@
 r"""CIFAR-100: a small ViT from scratch, or ViT-Ti/16 fine-tuned; QuEE over a 4-level ladder.
 
-Expected hardware: one GPU or a TPU VM (about an hour on an A100 from scratch,
-20 minutes fine-tuning). Data: tfds `cifar100`. With 100 classes, fit needs
+Expected hardware: one GPU or a TPU VM (200 epochs from scratch, or 5 epochs
+of fine-tuning at 224x224). Data: tfds `cifar100`. With 100 classes, fit needs
 more samples per class than CIFAR-10 for the clustered targets.
 
   python -m experiments.run --config experiments/configs/cifar100.py --workdir $WD

@@ -4,8 +4,8 @@ The backbone is not trained (backbone.epochs = 0): QuEE is post-training. Get a
 checkpoint fine-tuned on ImageNet-1k at 224 (e.g. gs://vit_models/augreg/
 B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_224.npz)
 and prepare tfds `imagenet2012` (manual download) in --config.data_dir.
-Expected hardware: a TPU v3-8 / v4-8 VM or one 80 GB GPU; tables of 85k
-images over 204 states take a few hours on one A100.
+Expected hardware: a TPU v3-8 / v4-8 VM or one 80 GB GPU (state tables of 85k
+images over 204 states of ViT-B/16).
 
   python -m experiments.run --config experiments/configs/imagenet.py \
       --config.init_from=/path/to/B_16-...-res_224.npz --config.data_dir=$TFDS_DIR --workdir $WD

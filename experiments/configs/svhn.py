@@ -1,8 +1,8 @@
 r"""SVHN (cropped digits): a small ViT from scratch, or ViT-Ti/16 fine-tuned.
 
-Expected hardware: one GPU or a TPU VM (73k training images; about 90 minutes
-on an A100 from scratch). Data: tfds `svhn_cropped`; augmentation is random
-crop without flips (digits).
+Expected hardware: one GPU or a TPU VM (73k training images, 60 epochs from
+scratch). Data: tfds `svhn_cropped`; augmentation is random crop without flips
+(digits).
 
   python -m experiments.run --config experiments/configs/svhn.py --workdir $WD
   python -m experiments.run --config experiments/configs/svhn.py:finetune \
