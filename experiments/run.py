@@ -70,11 +70,7 @@ def make_plan(c: ml_collections.ConfigDict, stages=STAGES) -> Plan:
     raise ValueError(f"--stages: expected some of {STAGES}, got {list(stages)}")
   if c.dataset not in data.DATASETS:
     raise ValueError(f"--config.dataset: unknown {c.dataset!r}; expected one of {sorted(data.DATASETS)}")
-  for k, v in c.splits.items():
-    if k not in data.SPLITS or (v is not None and (isinstance(v, bool) or not isinstance(v, int)
-                                                   or v < 0)):
-      raise ValueError(f"--config.splits.{k}: expected one of {data.SPLITS} with a"
-                       f" non-negative int, got {v!r}")
+  _checked("splits", data.check_sizes, c.splits.to_dict())
   model = _checked("model", q.vit.ViTConfig, **c.model)
   ladder = _checked("ladder", q.parse_ladder, c.ladder)
   if c.family not in q.FAMILIES:

@@ -346,6 +346,18 @@ def _sources(info: DatasetInfo, source: str, data_dir: str | None, image_size: i
   raise ValueError(f"source: expected 'auto', 'embedded', 'idx' or 'tfds', got {source!r}")
 
 
+def check_sizes(sizes: Mapping[str, int | None] | None) -> dict[str, int | None]:
+  """sizes as a dict; raises ValueError unless its keys are splits and its values ints >= 0 or None."""
+  sizes = dict(sizes or {})
+  unknown = set(sizes) - set(SPLITS)
+  if unknown:
+    raise ValueError(f"sizes: unknown splits {sorted(unknown)}; expected {SPLITS}")
+  for k, v in sizes.items():
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+      raise ValueError(f"sizes.{k}: expected a non-negative int or None, got {v!r}")
+  return sizes
+
+
 def load_splits(name: str, sizes: Mapping[str, int | None] | None = None, *, seed: int = 0,
                 image_size: int | None = None, source: str = "auto",
                 data_dir: str | None = None) -> Splits:
@@ -365,14 +377,8 @@ def load_splits(name: str, sizes: Mapping[str, int | None] | None = None, *, see
   if name not in DATASETS:
     raise ValueError(f"dataset: unknown {name!r}; expected one of {sorted(DATASETS)}")
   info = DATASETS[name]
-  sizes = dict(sizes or {})
-  unknown = set(sizes) - set(SPLITS)
-  if unknown:
-    raise ValueError(f"sizes: unknown splits {sorted(unknown)}; expected {SPLITS}")
+  sizes = check_sizes(sizes)
   wanted = {k: sizes.get(k, d) for k, d in zip(SPLITS, info.default_sizes)}
-  for k, v in wanted.items():
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-      raise ValueError(f"sizes.{k}: expected a non-negative int or None, got {v!r}")
   if info.image_shape is None and image_size is None:
     raise ValueError(f"image_size: {name} has images of varying size; give the model's size")
   if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)

@@ -115,20 +115,19 @@ def _budget_mode(fitted: Fitted, cal: StateTable, test: StateTable, budgets: Seq
   naive: the naive combination's budget mode, {budget key: `_best_mix` or None}.
   """
   cal_t, test_t = cal.restrict(fitted.family), test.restrict(fitted.family)
-  run = lambda t, split, lam: policy.simulate(t, fitted.predicted[split], fitted.population_err,
-                                              np.array([lam]))
+  run = lambda t, split, lams: policy.simulate(t, fitted.predicted[split], fitted.population_err,
+                                               np.array(lams))
   out = {}
   for budget in budgets:
     key = budget_key(budget)
     naive_point = naive[key]
-    mix = policy.budget_mix(lambda l: float(run(cal_t, "cal", l).mean_cost()[0]), budget)
+    mix = policy.budget_mix(lambda l: float(run(cal_t, "cal", [l]).mean_cost()[0]), budget)
+    weights = np.array([1 - mix.p_rich, mix.p_rich])  # the per-sample coin, in expectation
     own = {}
     for name, t in (("cal", cal_t), ("test", test_t)):
-      # Expected values of the per-sample coin between the two λ.
-      both = [run(t, name, mix.lam), run(t, name, mix.lam_rich)]
-      for what, fn in (("cost", "mean_cost"), ("accuracy", "accuracy")):
-        own[f"{name}_{what}"] = float((1 - mix.p_rich) * getattr(both[0], fn)()[0]
-                                      + mix.p_rich * getattr(both[1], fn)()[0])
+      both = run(t, name, [mix.lam, mix.lam_rich])
+      own[f"{name}_cost"] = float(weights @ both.mean_cost())
+      own[f"{name}_accuracy"] = float(weights @ both.accuracy())
     fallback = naive_point is not None and naive_point["cal_accuracy"] > own["cal_accuracy"]
     chosen = naive_point if fallback else own
     # The chosen operating point's numbers first; the policy's own mix beside them.
@@ -214,8 +213,7 @@ def _best_mix(cal_points: list[dict], budget: float) -> dict | None:
   if not len(cheap):
     return None
   rich = np.concatenate([np.flatnonzero(cost > budget + 1e-12), cheap[:1]])  # + "no mix"
-  gap = cost[rich][None] - cost[cheap][:, None]  # [cheap, rich]
-  w = np.where(gap > 0, np.clip((budget - cost[cheap][:, None]) / np.where(gap > 0, gap, 1), 0, 1), 0)
+  w = policy.mix_weight(cost[cheap][:, None], cost[rich][None], budget)  # [cheap, rich]
   w[:, -1] = 0.0
   score = (1 - w) * acc[cheap][:, None] + w * acc[rich][None]
   i, j = np.unravel_index(np.argmax(score), score.shape)

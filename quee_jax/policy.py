@@ -175,11 +175,12 @@ def budget_mix(mean_cost_fn, budget: float, hi: float = 1e6, iters: int = 40) ->
   c_lam, c_rich = mean_cost_fn(lam), mean_cost_fn(rich)
   if rich == lam or c_rich <= c_lam:
     return BudgetMix(lam, lam, 0.0)
-  return BudgetMix(lam, rich, mix_weight(c_lam, c_rich, budget))
+  return BudgetMix(lam, rich, float(mix_weight(c_lam, c_rich, budget)))
 
 
-def mix_weight(cheap_cost: float, rich_cost: float, budget: float) -> float:
-  """p with (1 - p) * cheap_cost + p * rich_cost = budget, in [0, 1]."""
-  if rich_cost <= cheap_cost:
-    return 0.0
-  return float(np.clip((budget - cheap_cost) / (rich_cost - cheap_cost), 0.0, 1.0))
+def mix_weight(cheap_cost, rich_cost, budget: float) -> np.ndarray:
+  """p with (1 - p) * cheap_cost + p * rich_cost = budget, clipped to [0, 1]; 0 where the
+  rich point is not dearer. Costs may be arrays (broadcast)."""
+  cheap, rich = np.asarray(cheap_cost, np.float64), np.asarray(rich_cost, np.float64)
+  gap = rich - cheap
+  return np.where(gap > 0, np.clip((budget - cheap) / np.where(gap > 0, gap, 1.0), 0.0, 1.0), 0.0)

@@ -80,10 +80,9 @@ def _optimizer(tc: TrainConfig, total_steps: int, steps_per_epoch: int) -> optax
                      optax.adamw(schedule, weight_decay=tc.weight_decay, mask=decay_mask))
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
-                  smoothing: float = 0.0) -> jax.Array:
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
-  return optax.softmax_cross_entropy(logits, targets)
+def cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: float = 0.0) -> jax.Array:
+  """Softmax cross-entropy to probability targets (one-hot or mixed), label-smoothed."""
+  return optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, smoothing))
 
 
 def mixup(key: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int,
@@ -233,8 +232,7 @@ def train_backbone(cfg: vit.ViTConfig, split: Split, tc: TrainConfig, workdir: s
     logits = vit.exit_head({"heads": [None] * last + [p["last_head"]]}, last, h, cfg)
     # Accuracy against the dominant label of each (mixed) image.
     acc = (jnp.argmax(logits, -1) == jnp.argmax(targets, -1)).mean()
-    targets = optax.smooth_labels(targets, tc.label_smoothing)
-    return optax.softmax_cross_entropy(logits, targets).mean(), acc
+    return cross_entropy(logits, targets, tc.label_smoothing).mean(), acc
 
   evaluate = None
   if eval_split is not None:
@@ -273,7 +271,8 @@ def train_exit_heads(cfg: vit.ViTConfig, params: Params, split: Split, tc: Train
     del key
     feats = exit_features(backbone, images, cfg, level)
     logits = jnp.stack([vit.exit_head({"heads": heads}, e, h, cfg) for e, h in enumerate(feats)])
-    loss = cross_entropy(logits, labels[None], cfg.num_classes, tc.label_smoothing).mean()
+    targets = jax.nn.one_hot(labels, cfg.num_classes)[None]  # the same for every exit
+    loss = cross_entropy(logits, targets, tc.label_smoothing).mean()
     return loss, (jnp.argmax(logits[-1], -1) == labels).mean()
 
   evaluate = None
