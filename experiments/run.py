@@ -98,7 +98,8 @@ def make_plan(c: ml_collections.ConfigDict, stages=STAGES) -> Plan:
   ev = c.eval
   eval_cfg = _checked("eval", evaluate.EvalConfig, seeds=tuple(ev.seeds), predictor=pred,
                       min_cluster=ev.min_cluster, max_clusters=ev.max_clusters, alpha=ev.alpha,
-                      variants=tuple(ev.variants), budgets=tuple(ev.budgets))
+                      variants=tuple(ev.variants), budgets=tuple(ev.budgets),
+                      soft_floor=ev.soft_floor)
   if ev.signal_level and ev.signal_level not in q.precision.ladder_names(ladder):
     raise ValueError(f"--config.eval.signal_level: expected a level of the ladder"
                      f" {q.precision.ladder_names(ladder)} or '', got {ev.signal_level!r}")
@@ -145,48 +146,74 @@ def _print_accuracy(table: dict, exits, num_test: int) -> None:
     print(f"| {level} | " + " | ".join(f"{100 * a:.2f}" for a in accs) + " |")
 
 
+def stamps(c: ml_collections.ConfigDict) -> dict:
+  """The config values each stage's output depends on, as stored beside it."""
+  backbone = _plain({"model": c.model.to_dict(), "backbone": c.backbone.to_dict(),
+                     "init_from": c.init_from, "init_head": c.init_head, "dataset": c.dataset,
+                     "seed": c.seed, "splits": c.splits.to_dict()})
+  model = {**backbone, "exit_heads": c.exit_heads.to_dict(), "exit_heads_level": c.exit_heads_level}
+  tables = _plain({"model": model, "ladder": c.ladder, "family": c.family,
+                   "cost_unit": c.cost_unit, "summary_dim": c.collect.summary_dim})
+  return {"backbone": backbone, "model": model, "tables": tables,
+          "eval": _plain({"tables": tables, "eval": c.eval.to_dict()})}
+
+
+def trained_params(c: ml_collections.ConfigDict, plan: Plan, splits: data.Splits, workdir: str,
+                   timings: dict[str, float]):
+  """The backbone and exit heads: restored when their checkpoints are finished, else trained
+  (or resumed from the latest checkpoint)."""
+  st = stamps(c)
+  t0 = time.time()
+  p = None
+  if c.init_from:
+    p = vit_import.import_big_vision(c.init_from, plan.model, jax.random.key(c.seed),
+                                     load_head=c.init_head)
+  if plan.backbone is not None:
+    p = train.train_backbone(plan.model, splits.train, plan.backbone,
+                             _stage_dir(workdir, "backbone", st["backbone"]), params=p,
+                             eval_split=splits.cal)  # a progress signal; test stays unseen
+  timings["backbone"] = time.time() - t0
+  t0 = time.time()
+  p = train.train_exit_heads(plan.model, p, splits.train, plan.exit_heads,
+                             _stage_dir(workdir, "exit_heads", st["model"]),
+                             level=plan.exit_heads_level)
+  timings["exit_heads"] = time.time() - t0
+  return p
+
+
+def load_splits(c: ml_collections.ConfigDict, plan: Plan) -> data.Splits:
+  splits = data.load_splits(c.dataset, dict(c.splits), seed=c.seed, image_size=plan.model.image_size,
+                            source=c.source, data_dir=c.data_dir or None)
+  _checked("model", data.check_model_input, splits.train, plan.model.image_size, plan.model.channels)
+  return splits
+
+
 def run(c: ml_collections.ConfigDict, workdir: str, stages=STAGES) -> dict[str, float]:
-  """Runs the selected stages into workdir; returns the wall time of each stage run."""
+  """Runs the selected stages into workdir; returns the wall time of each stage run.
+
+  The config is saved as workdir/config.json, so tools such as
+  experiments/bench_runtime.py need only the workdir.
+  """
   plan = make_plan(c, stages)
   model, wd = plan.model, workdir
   os.makedirs(wd, exist_ok=True)
-  splits = data.load_splits(c.dataset, dict(c.splits), seed=c.seed, image_size=model.image_size,
-                            source=c.source, data_dir=c.data_dir or None)
-  _checked("model", data.check_model_input, splits.train, model.image_size, model.channels)
+  _write_json(os.path.join(wd, "config.json"), c.to_dict())
+  splits = load_splits(c, plan)
   timings: dict[str, float] = {}
   params = None
+  st = stamps(c)
+  model_cfg, table_cfg = st["model"], st["tables"]
 
-  backbone_cfg = _plain({"model": c.model.to_dict(), "backbone": c.backbone.to_dict(),
-                         "init_from": c.init_from, "init_head": c.init_head, "dataset": c.dataset,
-                         "seed": c.seed, "splits": c.splits.to_dict()})
-  model_cfg = {**backbone_cfg, "exit_heads": c.exit_heads.to_dict(),
-               "exit_heads_level": c.exit_heads_level}
-
-  def trained_params():
-    # Finished checkpoints restore at once; unfinished ones resume training.
+  def trained():
     nonlocal params
     if params is None:
-      t0 = time.time()
-      p = None
-      if c.init_from:
-        p = vit_import.import_big_vision(c.init_from, model, jax.random.key(c.seed),
-                                         load_head=c.init_head)
-      if plan.backbone is not None:
-        p = train.train_backbone(model, splits.train, plan.backbone,
-                                 _stage_dir(wd, "backbone", backbone_cfg), params=p,
-                                 eval_split=splits.cal)  # a progress signal; test stays unseen
-      timings["backbone"] = time.time() - t0
-      t0 = time.time()
-      params = train.train_exit_heads(model, p, splits.train, plan.exit_heads,
-                                      _stage_dir(wd, "exit_heads", model_cfg),
-                                      level=plan.exit_heads_level)
-      timings["exit_heads"] = time.time() - t0
+      params = trained_params(c, plan, splits, wd, timings)
     return params
 
   if {"backbone", "exit_heads"} & set(plan.stages):
     acc_path = os.path.join(wd, "accuracy.json")
     if not _same(acc_path, "model", model_cfg) or not _same(acc_path, "ladder", c.ladder):
-      table = train.accuracy_table(model, trained_params(), splits.test, plan.ladder)
+      table = train.accuracy_table(model, trained(), splits.test, plan.ladder)
       train_s = dict(timings)
       if _same(acc_path, "model", model_cfg):  # only the ladder changed: keep the training times
         with open(acc_path) as f:
@@ -199,8 +226,6 @@ def run(c: ml_collections.ConfigDict, workdir: str, stages=STAGES) -> dict[str, 
 
   bb = q.vit.backbone(model)
   names = q.precision.ladder_names(plan.ladder)
-  table_cfg = _plain({"model": model_cfg, "ladder": c.ladder, "family": c.family,
-                      "cost_unit": c.cost_unit, "summary_dim": c.collect.summary_dim})
   tables = {}
   if {"tables", "evaluate"} & set(plan.stages):
     costs = None
@@ -211,7 +236,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, stages=STAGES) -> dict[str, 
         if t.meta.get("config") == table_cfg:
           tables[split] = t
           continue
-      p = trained_params()
+      p = trained()
       if costs is None:
         costs = q.backbone_costs(bb, p, splits.fit.images[:1], plan.ladder, unit=c.cost_unit)
       fam = q.build_family(c.family, names, bb.exits, costs)
@@ -223,7 +248,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, stages=STAGES) -> dict[str, 
       q.save_table(tables[split], path)
 
   results_path = os.path.join(wd, "results.json")
-  eval_key = _plain({"tables": table_cfg, "eval": c.eval.to_dict()})
+  eval_key = st["eval"]
   if "evaluate" in plan.stages and not _same(results_path, "eval", eval_key):
     t0 = time.time()
     # Runs already saved under predictors/ for these tables and settings are loaded.

@@ -12,11 +12,12 @@ Public API (see README.md and docs/method.md):
   train        train_backbone, train_exit_heads, evaluate_exits
   features, targets, predictor, policy, baselines, diagnostics, metrics: QuEE itself
   evaluate     every method on fit / cal / test tables -> results.json
+  runtime      Runner: real adaptive inference that skips what the policy skips; latency costs
 """
 
 from quee_jax import (baselines, collect, cost, data, diagnostics, evaluate, features, metrics,
-                      paths, plotting, policy, precision, predictor, report, synthetic, table,
-                      targets, train)
+                      paths, plotting, policy, precision, predictor, report, runtime, synthetic,
+                      table, targets, train)
 from quee_jax.backbone import Backbone
 from quee_jax.collect import collect_table, make_collect_fn, softmax_features, state_outputs
 from quee_jax.cost import CostTable, MacCount, backbone_costs, bops, count_macs

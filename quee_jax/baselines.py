@@ -24,8 +24,8 @@ from quee_jax.table import StateTable
 
 
 def top_level(family: PathFamily) -> int:
-  """Index of the ladder's most expensive level."""
-  return int(np.argmax(family.costs.blocks.sum(axis=0)))
+  """Index of the full model's level (by default the ladder's most expensive)."""
+  return family.top
 
 
 def full_depth_cost(family: PathFamily, level: int) -> float:

@@ -42,8 +42,9 @@ class EvalConfig:
   min_cluster: int = 100
   max_clusters: int = 32
   alpha: float = 10.0
-  num_lambdas: int = 64
+  num_lambdas: int = 96
   shrink: bool = True  # calibrate per-sample differences between candidates (predictor.shrinkage)
+  soft_floor: float = policy.SOFT_FLOOR  # the policy's τ (policy module docstring)
   variants: tuple[str, ...] = tuple(VARIANTS)
   budgets: tuple[float, ...] = REPORT_BUDGETS  # budget mode's targets, fractions of the full cost
 
@@ -51,6 +52,9 @@ class EvalConfig:
     object.__setattr__(self, "budgets", metrics.check_budgets(self.budgets, "EvalConfig.budgets"))
     if not self.seeds:
       raise ValueError("seeds: expected at least one seed")
+    if not (isinstance(self.soft_floor, (int, float)) and np.isfinite(self.soft_floor)
+            and self.soft_floor >= 0):
+      raise ValueError(f"soft_floor: expected a finite number >= 0, got {self.soft_floor!r}")
     unknown = set(self.variants) - set(VARIANTS)
     if unknown:
       raise ValueError(f"variants: unknown {sorted(unknown)}; expected some of {list(VARIANTS)}")
@@ -65,12 +69,23 @@ class Fitted:
   history: dict
   population_err: np.ndarray
   predicted: dict  # split -> [S, N, C]
+  tau: float       # the policy's soft floor
+
+  def simulate(self, table: StateTable, split: str, lambdas) -> policy.PolicyResult:
+    """The policy on `table` (a table of split `split`, any family with these histories)."""
+    return policy.simulate(table.restrict(self.family), self.predicted[split], self.population_err,
+                           np.asarray(lambdas, np.float64), self.tau)
 
 
 def fit_clusters(fit: StateTable, seed: int, cfg: EvalConfig) -> np.ndarray:
   """[S, N] clusters of the fit samples at every state of the collected family."""
   return targets.clusters(features.build_features(fit, cluster_only=True),
                           min_cluster=cfg.min_cluster, max_clusters=cfg.max_clusters, seed=seed)
+
+
+def _variant_family(base: PathFamily, family_name: str | None) -> PathFamily:
+  return paths.build_family(family_name or base.name, base.ladder, base.exits, base.costs,
+                            base.start_levels)
 
 
 def fit_variant(tables: dict[str, StateTable], family_name: str | None, target_kind: str,
@@ -81,8 +96,7 @@ def fit_variant(tables: dict[str, StateTable], family_name: str | None, target_k
   sub-family's states reuse the clusters of the same histories.
   """
   base = tables["fit"].family
-  name = family_name or base.name
-  fam = paths.build_family(name, base.ladder, base.exits, base.costs, base.start_levels)
+  fam = _variant_family(base, family_name)
   fit = tables["fit"].restrict(fam)
   x_fit = features.build_features(fit)
   errors = targets.candidate_errors(fit)
@@ -94,18 +108,39 @@ def fit_variant(tables: dict[str, StateTable], family_name: str | None, target_k
     y = errors
   pcfg = dataclasses.replace(cfg.predictor, seed=seed)
   params, history = predictor.train(x_fit, y, fam, pcfg)
-  # The predictor's cost changes the states' costs, not their features.
-  fam = fam.with_gate_overhead(predictor.gate_overhead(fam, x_fit.shape[-1], pcfg))
-  sub = {k: t.restrict(fam) for k, t in tables.items()}
-  predicted = {k: predictor.predict(params, x_fit if k == "fit" else features.build_features(t),
-                                    fam.gate, pcfg.level)
-               for k, t in sub.items()}
   if cfg.shrink:
     val = history["val_samples"]
-    shrink = predictor.shrinkage(predicted["fit"][:, val], errors[:, val], fam, errors)
-    predicted = {k: predictor.apply_shrinkage(v, shrink, fam) for k, v in predicted.items()}
-    params = {**params, "shrink": shrink}
-  return Fitted(fam, params, history, policy.start_errors(sub["fit"]), predicted)
+    raw = predictor.predict(params, x_fit[:, val], fam.gate, pcfg.level)
+    params = {**params, "shrink": predictor.shrinkage(raw, errors[:, val], fam, errors)}
+  return _with_predictions(fam, params, history, tables, pcfg, cfg.soft_floor)
+
+
+def load_variant(tables: dict[str, StateTable], variant: str, seed: int, cfg: EvalConfig,
+                 save_dir: str) -> Fitted:
+  """A variant's predictors as `evaluate` saved them, with their predictions on every table."""
+  path = os.path.join(save_dir, variant, f"seed_{seed}")
+  if variant not in VARIANTS:
+    raise ValueError(f"variant: expected one of {list(VARIANTS)}, got {variant!r}")
+  if not os.path.isdir(path):
+    raise ValueError(f"save_dir: no saved predictors at {path!r}; run the evaluate stage first")
+  fam = _variant_family(tables["fit"].family, VARIANTS[variant][0])
+  pcfg = dataclasses.replace(cfg.predictor, seed=seed)
+  return _with_predictions(fam, predictor.load(path), {}, tables, pcfg, cfg.soft_floor)
+
+
+def _with_predictions(fam: PathFamily, params: dict, history: dict,
+                      tables: dict[str, StateTable], pcfg: predictor.PredictorConfig,
+                      tau: float) -> Fitted:
+  num_features = params["mean"].shape[0]
+  # The predictor's cost changes the states' costs, not their features.
+  fam = fam.with_gate_overhead(predictor.gate_overhead(fam, num_features, pcfg))
+  sub = {k: t.restrict(fam) for k, t in tables.items()}
+  predicted = {k: predictor.predict(params, features.build_features(t), fam.gate, pcfg.level)
+               for k, t in sub.items()}
+  if "shrink" in params:
+    predicted = {k: predictor.apply_shrinkage(v, params["shrink"], fam)
+                 for k, v in predicted.items()}
+  return Fitted(fam, params, history, policy.start_errors(sub["fit"]), predicted, tau)
 
 
 def _budget_mode(fitted: Fitted, cal: StateTable, test: StateTable, budgets: Sequence[float],
@@ -114,18 +149,15 @@ def _budget_mode(fitted: Fitted, cal: StateTable, test: StateTable, budgets: Seq
 
   naive: the naive combination's budget mode, {budget key: `_best_mix` or None}.
   """
-  cal_t, test_t = cal.restrict(fitted.family), test.restrict(fitted.family)
-  run = lambda t, split, lams: policy.simulate(t, fitted.predicted[split], fitted.population_err,
-                                               np.array(lams))
   out = {}
   for budget in budgets:
     key = budget_key(budget)
     naive_point = naive[key]
-    mix = policy.budget_mix(lambda l: float(run(cal_t, "cal", [l]).mean_cost()[0]), budget)
+    mix = policy.budget_mix(lambda l: float(fitted.simulate(cal, "cal", [l]).mean_cost()[0]), budget)
     weights = np.array([1 - mix.p_rich, mix.p_rich])  # the per-sample coin, in expectation
     own = {}
-    for name, t in (("cal", cal_t), ("test", test_t)):
-      both = run(t, name, [mix.lam, mix.lam_rich])
+    for name, t in (("cal", cal), ("test", test)):
+      both = fitted.simulate(t, name, [mix.lam, mix.lam_rich])
       own[f"{name}_cost"] = float(weights @ both.mean_cost())
       own[f"{name}_accuracy"] = float(weights @ both.accuracy())
     fallback = naive_point is not None and naive_point["cal_accuracy"] > own["cal_accuracy"]
@@ -146,7 +178,7 @@ def _run(fitted: Fitted, cal: StateTable, test: StateTable, naive: dict,
   """
   test_t = test.restrict(fitted.family)
   lambdas = policy.lambda_grid(fitted.family, cfg.num_lambdas)
-  res = policy.simulate(test_t, fitted.predicted["test"], fitted.population_err, lambdas)
+  res = fitted.simulate(test, "test", lambdas)
   pts = res.points()
   run = {"points": pts, **metrics.summarize(pts, num_classes, cfg.budgets),
          "budget_mode": _budget_mode(fitted, cal, test, cfg.budgets, naive),

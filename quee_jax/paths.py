@@ -54,6 +54,8 @@ class PathFamily:
     exits: block counts of the gates (exit positions).
     start_levels: level indices a path may start at.
     costs: the normalized cost table the costs below come from.
+    top: the level of the full model (by default the costs' most expensive);
+      it stays when the family is re-costed, e.g. by measured latency.
     gate: [S] gate index of each state.
     parent: [S] parent state index, -1 for roots (computed from the embedding).
     level: [S] level index of the state's last segment.
@@ -69,6 +71,9 @@ class PathFamily:
     cand_state: [S, C] state each candidate's exit reads (itself for EXIT); -1 invalid.
     cand_cost: [S, C] additional cost ΔC of each candidate (0 where invalid).
     cand_mask: [S, C] which candidates the state may take.
+    reference: [S] the slot of the path the full model would take from the
+      state: on at the top level if the state may change level (else at its
+      own) to the last exit; EXIT at the last gate. The policy's floor.
   """
 
   name: str
@@ -76,6 +81,7 @@ class PathFamily:
   exits: tuple[int, ...]
   start_levels: tuple[int, ...]
   costs: CostTable
+  top: int
   gate_overhead: np.ndarray
   gate: np.ndarray
   parent: np.ndarray
@@ -89,6 +95,7 @@ class PathFamily:
   cand_state: np.ndarray
   cand_cost: np.ndarray
   cand_mask: np.ndarray
+  reference: np.ndarray
 
   @property
   def num_states(self) -> int:
@@ -145,18 +152,22 @@ class PathFamily:
     """What determines the family (JSON-serializable); `from_spec` rebuilds it."""
     return {"name": self.name, "ladder": list(self.ladder), "exits": list(self.exits),
             "start_levels": list(self.start_levels), "costs": self.costs.to_dict(),
-            "gate_overhead": self.gate_overhead.tolist()}
+            "gate_overhead": self.gate_overhead.tolist(), "top": self.top}
 
   def with_gate_overhead(self, gate_overhead: Sequence[float]) -> "PathFamily":
     """The same family with another per-gate overhead (e.g. a predictor's cost)."""
     return build_family(self.name, self.ladder, self.exits, self.costs, self.start_levels,
-                        gate_overhead)
+                        gate_overhead, self.top)
+
+  def with_costs(self, costs: CostTable) -> "PathFamily":
+    """The same states under another cost model (e.g. measured latency); same top level."""
+    return build_family(self.name, self.ladder, self.exits, costs, self.start_levels, top=self.top)
 
 
 def from_spec(spec: dict) -> PathFamily:
   return build_family(spec["name"], spec["ladder"], tuple(spec["exits"]),
                       CostTable.from_dict(spec["costs"]), tuple(spec["start_levels"]),
-                      spec.get("gate_overhead"))
+                      spec.get("gate_overhead"), spec.get("top"))
 
 
 def _next_levels(rule: str, gate: int, level: int, switched: bool, num_levels: int
@@ -168,7 +179,8 @@ def _next_levels(rule: str, gate: int, level: int, switched: bool, num_levels: i
 
 def build_family(name: str, ladder: Sequence[str], exits: tuple[int, ...], costs: CostTable,
                  start_levels: Sequence[int] | None = None,
-                 gate_overhead: Sequence[float] | None = None) -> PathFamily:
+                 gate_overhead: Sequence[float] | None = None, top: int | None = None
+                 ) -> PathFamily:
   """Builds the trie of `name` over `ladder` (names) and gates at `exits`.
 
   Args:
@@ -179,6 +191,7 @@ def build_family(name: str, ladder: Sequence[str], exits: tuple[int, ...], costs
     start_levels: level indices a path may start at (default: every level).
     gate_overhead: cost charged at each gate besides its exit head, e.g. the
       predictor that takes the decision there (default 0).
+    top: the full model's level index (default: the most expensive by `costs`).
   """
   if name not in _RULES:
     raise ValueError(f"family: expected one of {FAMILIES}, got {name!r}")
@@ -199,6 +212,11 @@ def build_family(name: str, ladder: Sequence[str], exits: tuple[int, ...], costs
   overhead = np.zeros(len(exits)) if gate_overhead is None else np.asarray(gate_overhead, np.float64)
   if overhead.shape != (len(exits),) or (overhead < 0).any():
     raise ValueError(f"gate_overhead: expected {len(exits)} non-negative costs, got {gate_overhead}")
+  if top is None:
+    top = int(np.argmax(costs.blocks.sum(axis=0)))
+  if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or not 0 <= top < num_levels:
+    raise ValueError(f"top: expected a level index in [0, {num_levels}), got {top!r}")
+  top = int(top)
   rule, early_exit = _RULES[name]
   num_gates, num_blocks = len(exits), exits[-1]
   bounds = (0,) + exits
@@ -231,15 +249,18 @@ def build_family(name: str, ladder: Sequence[str], exits: tuple[int, ...], costs
 
   candidates = (None,) + tuple((q, m) for q in range(num_levels) for m in range(num_gates))
   cand_state = np.full((num_states, len(candidates)), -1, np.int32)
+  reference = np.full(num_states, EXIT, np.int32)
   for s, (gate, _, level, _, switched, hist, _) in enumerate(states):
     if early_exit or gate == num_gates - 1:
       cand_state[s, EXIT] = s
     if gate == num_gates - 1:
       continue  # the last gate always exits
     targets = range(gate + 1, num_gates) if early_exit else [num_gates - 1]
-    for q in _next_levels(rule, gate, level, switched, num_levels):
+    allowed = _next_levels(rule, gate, level, switched, num_levels)
+    for q in allowed:
       for m in targets:
         cand_state[s, 1 + q * num_gates + m] = index[hist + (q,) * (exits[m] - exits[gate])]
+    reference[s] = 1 + (top if top in allowed else level) * num_gates + num_gates - 1
   child = np.full((num_states, num_levels), -1, np.int32)
   for s, (gate, parent, level, *_) in enumerate(states):
     if parent >= 0:
@@ -248,7 +269,7 @@ def build_family(name: str, ladder: Sequence[str], exits: tuple[int, ...], costs
   cand_cost = np.where(cand_mask, cost[np.maximum(cand_state, 0)] - cost[:, None], 0.0)
 
   return PathFamily(
-      name=name, ladder=ladder, exits=exits, start_levels=start_levels, costs=costs,
+      name=name, ladder=ladder, exits=exits, start_levels=start_levels, costs=costs, top=top,
       gate_overhead=overhead,
       gate=np.array([st[0] for st in states], np.int32),
       parent=np.array([st[1] for st in states], np.int32),
@@ -256,4 +277,4 @@ def build_family(name: str, ladder: Sequence[str], exits: tuple[int, ...], costs
       start_level=np.array([st[3] for st in states], np.int32),
       switched=np.array([st[4] for st in states], bool),
       history=history, cost=cost, child=child, candidates=candidates,
-      cand_state=cand_state, cand_cost=cand_cost, cand_mask=cand_mask)
+      cand_state=cand_state, cand_cost=cand_cost, cand_mask=cand_mask, reference=reference)

@@ -7,12 +7,18 @@ gate; the last gate always exits. Before block 1 there are no features: the
 start level comes from the fit split's population error rates of the
 constant-level paths, so it depends on λ only.
 
-Two rules make λ = 0 the full model:
-  * ties break toward more computation;
-  * predicted errors are taken as no lower than that of the most expensive
-    candidate (continuing at the current, or for a fresh path the top, level
-    to the last exit): predicting that a cheaper path beats the full model is
-    no reason to prefer it at λ = 0, and at λ > 0 it still wins on cost.
+Predicted errors enter through a soft floor at the reference candidate, the
+most expensive one (continuing at the current, or for a fresh path the top,
+level to the last exit): with d_c = ê_c - ê_ref,
+  ê_c  ->  ê_ref + τ · softplus(d_c / τ).
+So λ = 0 is the full model (every cheaper candidate pays a positive amount;
+ties break toward more computation), and a cheaper path predicted to be no
+worse is not free: it pays about τ · exp(d_c / τ), less the more clearly it is
+predicted better. Samples then leave in the order of their predicted advantage
+as λ grows. With a hard floor (τ = 0) every sample with some cheaper candidate
+predicted at or below the reference - half of them by noise alone when
+the paths truly tie - would take it at any λ > 0, and the policy would jump
+from the full model to its cheapest corner (docs/method.md).
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ import numpy as np
 from quee_jax.baselines import chain
 from quee_jax.paths import EXIT, PathFamily
 from quee_jax.table import StateTable
+
+
+SOFT_FLOOR = 0.01  # default τ: one point of error rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,19 +56,40 @@ class PolicyResult:
             for l, c, a in zip(self.lambdas, self.mean_cost(), self.accuracy())]
 
 
-def _choose(errors: np.ndarray, dcost: np.ndarray, mask: np.ndarray, lam: np.ndarray) -> np.ndarray:
-  """Index of argmin_c errors + lam * dcost over valid c, ties to larger dcost, clipped errors.
+def choose(errors: np.ndarray, dcost: np.ndarray, mask: np.ndarray, lam: np.ndarray,
+           tau: float = SOFT_FLOOR, ref: np.ndarray | None = None) -> np.ndarray:
+  """Index of argmin_c floored errors + lam * dcost over valid c, ties to larger dcost.
 
-  errors, dcost, mask: [..., C] broadcastable; lam: broadcastable to [...].
+  errors, dcost, mask: [..., C] broadcastable; lam: broadcastable to [...];
+  tau: the soft floor's temperature (0: a hard floor, max(ê_c, ê_ref));
+  ref: [...] the reference slot (`PathFamily.reference`; default: the dearest).
   """
-  neg = np.where(mask, dcost, -np.inf)
-  top = np.argmax(neg, axis=-1)
-  floor = np.take_along_axis(errors, top[..., None], axis=-1)
-  score = np.maximum(errors, floor) + lam[..., None] * dcost
+  if ref is None:
+    ref = np.argmax(np.where(mask, dcost, -np.inf), axis=-1)
+  ref = np.broadcast_to(ref, errors.shape[:-1])
+  floor = np.take_along_axis(errors, ref[..., None], axis=-1)
+  is_ref = np.arange(errors.shape[-1]) == ref[..., None]
+  d = errors - floor
+  d = tau * np.logaddexp(0.0, d / tau) if tau > 0 else np.maximum(d, 0.0)
+  score = floor + np.where(is_ref, 0.0, d) + lam[..., None] * dcost
   score = np.where(mask, score, np.inf)
   best = score.min(axis=-1, keepdims=True)
   tied = score <= best + 1e-12 * np.maximum(1.0, np.abs(best))
   return np.argmax(np.where(tied, dcost, -np.inf), axis=-1)
+
+
+def step(family: PathFamily, cur: np.ndarray, errors: np.ndarray, lam: np.ndarray,
+         tau: float = SOFT_FLOOR) -> tuple[np.ndarray, np.ndarray]:
+  """One gate's decision for samples in states `cur` (any shape) with predicted errors
+  [..., C] and trade-offs `lam` (same shape as cur): (exiting, next state; cur where exiting).
+
+  `simulate` and the runtime both decide through this function.
+  """
+  choice = choose(errors, family.cand_cost[cur], family.cand_mask[cur], lam, tau,
+                  family.reference[cur])
+  exiting = choice == EXIT
+  level = np.maximum(choice - 1, 0) // family.num_gates
+  return exiting, np.where(exiting, cur, family.child[cur, level])
 
 
 def start_errors(fit: StateTable) -> np.ndarray:
@@ -68,7 +98,8 @@ def start_errors(fit: StateTable) -> np.ndarray:
   return np.stack([err[chain(fit.family, q)] for q in fit.family.start_levels])
 
 
-def start_levels(family: PathFamily, population_err: np.ndarray, lambdas: np.ndarray) -> np.ndarray:
+def start_levels(family: PathFamily, population_err: np.ndarray, lambdas: np.ndarray,
+                 tau: float = SOFT_FLOOR) -> np.ndarray:
   """Root state chosen before block 1 for each λ [L]."""
   chains = np.stack([chain(family, q) for q in family.start_levels])  # [start levels, G]
   roots, cost = chains[:, 0], family.cost[chains]
@@ -77,13 +108,17 @@ def start_levels(family: PathFamily, population_err: np.ndarray, lambdas: np.nda
     valid = np.tile(np.arange(family.num_gates) == family.num_gates - 1, len(family.start_levels))
   else:
     valid = np.ones_like(flat_err, bool)
+  if family.top in family.start_levels:  # the full model's own path
+    ref = family.start_levels.index(family.top) * family.num_gates + family.num_gates - 1
+  else:
+    ref = int(np.argmax(np.where(valid, flat_cost, -np.inf)))
   lam = np.asarray(lambdas, np.float64)
-  choice = _choose(flat_err[None], flat_cost[None], valid[None], lam)
+  choice = choose(flat_err[None], flat_cost[None], valid[None], lam, tau, np.array([ref]))
   return roots[choice // family.num_gates]
 
 
 def simulate(table: StateTable, predicted: np.ndarray, population_err: np.ndarray,
-             lambdas: np.ndarray) -> PolicyResult:
+             lambdas: np.ndarray, tau: float = SOFT_FLOOR) -> PolicyResult:
   """Runs the policy for every λ over a state table.
 
   Args:
@@ -91,6 +126,7 @@ def simulate(table: StateTable, predicted: np.ndarray, population_err: np.ndarra
     predicted: [S, N, C] predicted error probabilities for this table.
     population_err: `start_errors` of the fit table.
     lambdas: [L] non-negative trade-offs.
+    tau: the soft floor's temperature (see the module docstring).
   """
   fam = table.family
   lambdas = np.asarray(lambdas, np.float64)
@@ -100,29 +136,32 @@ def simulate(table: StateTable, predicted: np.ndarray, population_err: np.ndarra
     raise ValueError(f"predicted: expected shape {(fam.num_states, table.num_samples, len(fam.candidates))},"
                      f" got {predicted.shape}")
   L, N = len(lambdas), table.num_samples
-  cur = np.repeat(start_levels(fam, population_err, lambdas)[:, None], N, axis=1)  # [L, N]
+  if not (np.isfinite(tau) and tau >= 0):
+    raise ValueError(f"tau: expected a finite value >= 0, got {tau}")
+  cur = np.repeat(start_levels(fam, population_err, lambdas, tau)[:, None], N, axis=1)  # [L, N]
   done = np.zeros((L, N), bool)
   cols = np.arange(N)[None, :]
   lam = np.repeat(lambdas[:, None], N, axis=1)
   for _ in range(fam.num_gates):
-    choice = _choose(predicted[cur, cols], fam.cand_cost[cur], fam.cand_mask[cur], lam)
-    exiting = (choice == EXIT) | done
-    done = exiting
+    exiting, nxt = step(fam, cur, predicted[cur, cols], lam, tau)
+    done = exiting | done
     if done.all():
       break
-    level = np.maximum(choice - 1, 0) // fam.num_gates
-    nxt = fam.child[cur, level]
-    cur = np.where(exiting, cur, nxt)
+    cur = np.where(done, cur, nxt)
   if not done.all():
     raise AssertionError("policy: a sample passed the last gate without exiting")
   return PolicyResult(lambdas=lambdas, exit_state=cur, pred=table.pred[cur, cols],
                       correct=table.correct[cur, cols], cost=fam.cost[cur])
 
 
-def lambda_grid(family: PathFamily, num: int = 48) -> np.ndarray:
-  """0 followed by log-spaced λ from where costs barely matter to where only cost does."""
+def lambda_grid(family: PathFamily, num: int = 96) -> np.ndarray:
+  """0 followed by log-spaced λ from where costs barely matter to where only cost does.
+
+  The low end reaches the soft floor's small penalties (τ e^(d/τ) for paths
+  predicted clearly better than the reference).
+  """
   dc = family.cand_cost[family.cand_mask & (family.cand_cost > 0)]
-  lo, hi = 1e-3 / max(dc.max(), 1e-12), 10.0 / max(dc.min(), 1e-12)
+  lo, hi = 1e-6 / max(dc.max(), 1e-12), 10.0 / max(dc.min(), 1e-12)
   return np.concatenate([[0.0], np.geomspace(lo, hi, num - 1)])
 
 

@@ -26,6 +26,7 @@ from quee_jax import cost, precision
 from quee_jax.paths import PathFamily
 
 Params = dict[str, Any]
+MLP_KEYS = ("mean", "std", "w1", "b1", "w2", "b2")  # the network; "shrink" may sit beside it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +75,8 @@ def predict(params: Params, x: np.ndarray, gates: np.ndarray, level: str = "floa
             batch: int = 2048) -> np.ndarray:
   """Predicted error probabilities [S, N, C] for features x [S, N, F] of states at `gates` [S]."""
   lvl = precision.parse_level(level)
-  fn = jax.jit(jax.vmap(lambda p_x, g: jax.nn.sigmoid(logits(params, p_x, g, lvl))))
+  mlp = {k: jnp.asarray(params[k]) for k in MLP_KEYS}  # restored params are numpy
+  fn = jax.jit(jax.vmap(lambda p_x, g: jax.nn.sigmoid(logits(mlp, p_x, g, lvl))))
   out = [np.asarray(fn(jnp.asarray(x[:, i:i + batch]), jnp.asarray(gates)))
          for i in range(0, x.shape[1], batch)]
   return np.concatenate(out, axis=1)
@@ -178,11 +180,6 @@ def load(path: str) -> Params:
   return ocp.StandardCheckpointer().restore(path)
 
 
-def reference_slot(family: PathFamily) -> np.ndarray:
-  """[S] each state's most expensive candidate: its own level (or the top) to the last exit."""
-  return np.argmax(np.where(family.cand_mask, family.cand_cost, -np.inf), axis=1)
-
-
 def shrinkage(predicted: np.ndarray, errors: np.ndarray, family: PathFamily,
               all_errors: np.ndarray | None = None) -> dict:
   """Calibrates the per-sample differences between candidates on held-out fit samples.
@@ -206,7 +203,7 @@ def shrinkage(predicted: np.ndarray, errors: np.ndarray, family: PathFamily,
   Returns:
     {"beta", "pred_mean", "true_mean"}: [S, C] arrays for `apply_shrinkage`.
   """
-  ref = reference_slot(family)
+  ref = family.reference
   take = lambda a: np.take_along_axis(a, ref[:, None, None], axis=2)
   d = predicted - take(predicted)
   t = errors - take(errors)
@@ -221,10 +218,19 @@ def shrinkage(predicted: np.ndarray, errors: np.ndarray, family: PathFamily,
           "true_mean": (t_mean * family.cand_mask).astype(np.float32)}
 
 
-def apply_shrinkage(predicted: np.ndarray, shrink: dict, family: PathFamily) -> np.ndarray:
-  """Predicted errors [S, N, C] with the calibrated differences of `shrinkage`."""
-  ref = reference_slot(family)
-  base = np.take_along_axis(predicted, ref[:, None, None], axis=2)
+def apply_shrinkage(predicted: np.ndarray, shrink: dict, family: PathFamily,
+                    states: np.ndarray | None = None) -> np.ndarray:
+  """Predicted errors with the calibrated differences of `shrinkage`.
+
+  predicted: [S, N, C] for every state of `family`, or [n, C] for n samples
+    in `states` [n] (the runtime's samples at a gate); the same arithmetic.
+  """
+  ref = family.reference
+  if states is None:
+    rows, ref = (lambda a: a[:, None]), ref[:, None, None]
+  else:
+    rows, ref = (lambda a: a[states]), ref[states][:, None]
+  base = np.take_along_axis(predicted, ref, axis=-1)
   d = predicted - base
-  d = shrink["true_mean"][:, None] + shrink["beta"][:, None] * (d - shrink["pred_mean"][:, None])
+  d = rows(shrink["true_mean"]) + rows(shrink["beta"]) * (d - rows(shrink["pred_mean"]))
   return np.clip(base + d, 0.0, 1.0).astype(np.float32)

@@ -157,6 +157,28 @@ def test_changed_eval_value_reruns_only_evaluation(finished, tmp_path):
   assert set(results["methods"]["quee"]["budget_mode"]) == {"0.25"}
 
 
+def test_bench_runtime_on_a_finished_workdir(finished, tmp_path):
+  workdir, _ = finished
+  cmd = [sys.executable, "-m", "experiments.bench_runtime", "--workdir", str(workdir),
+         "--reps=1", "--max_batch=64", "--budgets=0.5"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  for key in ("device", "full_img_per_s", "speedup_at_half_point", "cost_model", "accuracy_drop"):
+    assert key in report, key
+  assert report["cost_model"] in ("bops", "latency") and report["full_img_per_s"] > 0
+  names = {(r["cost_model"], r["lambda"].split(" λ")[0]) for r in report["rows"]}
+  assert {("bops", "λ=0"), ("bops", "half point"), ("bops", "budget 0.5"),
+          ("latency", "half point")} <= names
+  for row in report["rows"]:  # 200 test images: the runner decides as the simulation does
+    assert row["mismatches"] <= 2, row
+  assert set(report["block_us_per_sample"]) == {"float", "w8a8", "w4a4", "w2a4"}
+  # A directory that no finished run wrote is refused with a message, not a traceback.
+  out = subprocess.run([sys.executable, "-m", "experiments.bench_runtime", "--workdir",
+                        str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and "error: workdir:" in out.stderr, out.stderr[-2000:]
+
+
 def _kill_when(proc, path, timeout=600):
   """SIGKILLs proc as soon as path exists; returns whether it was still running."""
   t0 = time.time()

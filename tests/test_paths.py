@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 
 import numpy as np
@@ -165,3 +166,18 @@ def test_children_and_gate_overhead():
   assert q.paths.from_spec(heavier.spec()).cost.tolist() == heavier.cost.tolist()
   with pytest.raises(ValueError, match="gate_overhead"):
     fam.with_gate_overhead([0.1, 0.1])
+
+
+@pytest.mark.parametrize("name", q.FAMILIES)
+def test_reference_is_the_full_models_path_and_survives_recosting(name):
+  per_block = np.random.default_rng(0).uniform(0.05, 0.2, 4)
+  bops_like = dataclasses.replace(costs(3, 4, 4), blocks=np.outer(per_block, [1.0, 0.25, 1 / 16]))
+  fam = q.build_family(name, LEVELS[:3], (1, 2, 3, 4), bops_like)
+  dearest = np.argmax(np.where(fam.cand_mask, fam.cand_cost, -np.inf), axis=1)
+  np.testing.assert_array_equal(fam.reference, dearest)
+  assert fam.cand_mask[np.arange(fam.num_states), fam.reference].all()
+  # Under a cost model where the top level is the cheapest, the full model is still float.
+  timed = fam.with_costs(dataclasses.replace(bops_like, blocks=bops_like.blocks[:, ::-1]))
+  assert timed.top == fam.top == 0
+  np.testing.assert_array_equal(timed.reference, fam.reference)
+  assert q.paths.from_spec(timed.spec()).top == 0

@@ -63,19 +63,40 @@ def test_known_decision():
   predicted[two, :, 0] = 0.0
   predicted[two, :, end_float] = 0.0
   pop = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])  # the population rates pick float
-  # At the root: EXIT scores 0.3, one more float block 0.1 + 0.3 lam, float to the end
-  # 0.1 + 0.6 lam, anything else >= 0.9. So continue iff lam < 2/3.
+  # At the root the reference (float to the end) scores 0.1 + 0.6 lam, one more float
+  # block 0.1 + τ log 2 + 0.3 lam (soft floor, τ = 0.01), EXIT 0.1 + τ softplus(20)
+  # + 0 = 0.3, anything else >= 0.9. So continue iff lam < (0.2 - τ log 2) / 0.3 = 0.644.
   res = policy.simulate(table, predicted, pop, np.array([0.1, 0.6, 0.7, 1.0]))
   assert res.exit_state[:, 0].tolist() == [two, two, root, root]
   np.testing.assert_allclose(res.cost[:, 0], [0.7, 0.7, 0.4, 0.4])
+
+
+def test_soft_floor_lets_samples_leave_in_order_of_predicted_advantage():
+  fam = tiny_family("exit_only")
+  N = 6
+  table = table_for(fam, np.ones((fam.num_states, N), bool))
+  root = fam.find(["float"])
+  predicted = np.full((fam.num_states, N, len(fam.candidates)), 0.2, np.float32)
+  # Exiting at the root is predicted better than the full path by 0, 1, ..., 5 points.
+  predicted[root, :, 0] = 0.2 - 0.01 * np.arange(N)
+  pop = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+  lams = np.geomspace(1e-6, 1e-1, 200)
+  exited = policy.simulate(table, predicted, pop, lams).exit_state == root  # [L, N]
+  assert not exited[0].any() and exited[-1].all()
+  assert (exited[1:] >= exited[:-1]).all()  # once gone at some λ, gone at every larger λ
+  first = np.argmax(exited, axis=0)  # index of the λ at which each sample leaves
+  assert (np.diff(first) <= 0).all() and first[-1] < first[0]  # more advantage, earlier
+  # A hard floor makes every tied-or-better sample leave at once.
+  hard = policy.simulate(table, predicted, pop, lams, tau=0.0).exit_state == root
+  assert hard[0].all()
 
 
 def test_ties_break_toward_more_computation():
   errors = np.array([[0.2, 0.2, 0.2]])
   dcost = np.array([[0.0, 0.5, 0.2]])
   mask = np.ones((1, 3), bool)
-  assert policy._choose(errors, dcost, mask, np.array([0.0]))[0] == 1
-  assert policy._choose(errors, dcost, mask, np.array([0.1]))[0] == 0
+  assert policy.choose(errors, dcost, mask, np.array([0.0]))[0] == 1
+  assert policy.choose(errors, dcost, mask, np.array([0.1]))[0] == 0
 
 
 def test_bad_lambdas_raise():

@@ -86,6 +86,8 @@ def test_features(tables):
   x = features.build_features(t)
   names = features.feature_names(t)
   assert x.shape == (fam.num_states, t.num_samples, len(names))
+  summary_dim = 0 if t.summary is None else t.summary.shape[-1]
+  assert features.num_features(fam, summary_dim) == len(names)
   anc = features.switch_ancestor(fam)
   s = fam.find(["float", "w4a4", "w4a4"])
   assert anc[s] == fam.find(["float"])
@@ -198,7 +200,7 @@ def test_shrinkage_keeps_signal_and_drops_noise():
   rng = np.random.default_rng(0)
   S, N, C = fam.num_states, 4000, len(fam.candidates)
   errors = (rng.random((S, N, C)) < 0.3).astype(np.float32)
-  ref = predictor.reference_slot(fam)
+  ref = fam.reference
   informative = errors * 0.8 + 0.1  # predictions that track the true outcome
   noise = rng.random((S, N, C)).astype(np.float32)  # predictions unrelated to it
   for pred, lo, hi in ((informative, 0.9, 1.0), (noise, 0.0, 0.1)):

@@ -43,6 +43,7 @@ def base_config(dataset: str, splits: dict, model: dict, backbone: dict,
       seeds=(0, 1, 2), min_cluster=100, max_clusters=32, alpha=10.0,
       variants=("quee", "quee_raw_targets", "quee_exit_only", "quee_quant_only"),
       budgets=(1 / 16, 1 / 8, 1 / 4, 1 / 2),  # budget mode's targets (full model = 1)
+      soft_floor=0.01,  # the policy's τ: what a cheaper path predicted no worse still pays
       predictor=dict(hidden=16, epochs=40, batch_size=128, learning_rate=3e-3,
                      weight_decay=1e-4, val_fraction=0.2, patience=6, level="w8a8", seed=0),
       # Semi-synthetic signal-recovery check ("" to skip), with its own seeds.

@@ -1,0 +1,205 @@
+r"""The adaptive runtime against the full model, side by side, on one device.
+
+  python -m experiments.bench_runtime --workdir /tmp/quee_demo
+
+Takes a work directory finished by experiments.run (its config.json, trained
+backbone and exit heads, state tables and saved predictors). On the test split
+it times, after warm-up, as the median of several repetitions:
+  * the full model: every block at the top level, last exit, batched, jitted;
+  * the runtime (`quee_jax.runtime.Runner`) at several λ, under two cost
+    models: counted BOPs (the evaluation's) and latency (the runner's own
+    programs timed here first, `runtime.latency_costs`). The λ are: 0; the
+    cheapest λ whose cal accuracy is within 0.5 point of the full model's
+    (`--max_drop`); and budget mode's mixes for `--budgets` (BOPs).
+For each it prints images/s, the ratio to the full model, test accuracy,
+counted cost, and how many samples' exit, level history and prediction differ
+from the simulated policy on the test state table (`policy.simulate`).
+
+The last line is a JSON object: device, full_img_per_s, speedup_at_half_point
+(the better cost model's, named in cost_model), accuracy_drop (test accuracy
+lost there), plus every timed row and the block timings per level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from experiments import run as pipeline
+from quee_jax import baselines, evaluate, policy, precision, runtime
+from quee_jax.models import vit
+from quee_jax.table import load_table
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A work directory finished by experiments.run.")
+flags.DEFINE_string("variant", "quee", f"Which saved predictors, of {list(evaluate.VARIANTS)}.")
+flags.DEFINE_integer("seed", None, "Which seed's predictors (default: the config's first).")
+flags.DEFINE_integer("max_batch", 1024, "Samples per pass (the full model's batch too).")
+flags.DEFINE_integer("reps", 5, "Timed repetitions (median reported).")
+flags.DEFINE_float("max_drop", 0.005, "Accuracy the half point may lose on cal (0.005 = 0.5 point).")
+flags.DEFINE_list("budgets", ["0.5", "0.25"], "Budget-mode budgets to time (fractions of BOPs).")
+
+
+def load_workdir(workdir: str):
+  """(config, plan, splits, params, tables) of a finished run; ValueError if it is not finished."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"workdir: no config.json in {workdir!r}; run experiments.run into it first")
+  with open(path) as f:
+    c = ml_collections.ConfigDict(json.load(f))
+  plan = pipeline.make_plan(c)
+  st = pipeline.stamps(c)
+  for name, key in (("accuracy.json", "model"), ("results.json", "eval")):
+    if not pipeline._same(os.path.join(workdir, name), key, st[key]):
+      raise ValueError(f"workdir: {name} in {workdir!r} is missing or from another config;"
+                       " finish `python -m experiments.run` with this config first")
+  splits = pipeline.load_splits(c, plan)
+  params = pipeline.trained_params(c, plan, splits, workdir, {})  # finished: restored, not trained
+  tables = {k: load_table(os.path.join(workdir, "tables", k)) for k in ("fit", "cal", "test")}
+  return c, plan, splits, params, tables
+
+
+def full_model_fn(backbone, params, level):
+  """Jitted top-level, full-depth forward -> predicted classes."""
+  def forward(params, images):
+    h = backbone.embed(params, images)
+    for i in range(backbone.num_blocks):
+      h = backbone.block(params, i, h, level)
+    return jnp.argmax(backbone.exit_head(params, len(backbone.exits) - 1, h), axis=-1)
+  fn = jax.jit(forward)
+  return lambda images: fn(params, images)
+
+
+def classify_full(fn, images, batch):
+  out = []
+  for lo in range(0, len(images), batch):
+    x = images[lo:lo + batch]
+    n = len(x)
+    if n < batch:  # one compiled shape
+      x = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), x.dtype)])
+    out.append(fn(x)[:n])
+  return np.asarray(jnp.concatenate(out))
+
+
+def median_seconds(fn, reps):
+  fn()  # compile and warm up
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def half_point(fitted, cal, full_acc: float, max_drop: float) -> float:
+  """Cheapest λ on the grid whose accuracy on cal is within max_drop of full_acc."""
+  lams = policy.lambda_grid(fitted.family)
+  res = fitted.simulate(cal, "cal", lams)
+  ok = np.flatnonzero(res.accuracy() >= full_acc - max_drop)
+  return float(lams[ok[np.argmin(res.mean_cost()[ok])]])
+
+
+def simulated(fitted, test, lam: np.ndarray):
+  """Exit states and predictions of the simulated policy on test for per-sample λ."""
+  values = np.unique(lam)
+  res = fitted.simulate(test, "test", values)
+  row = np.searchsorted(values, lam)
+  cols = np.arange(test.num_samples)
+  return res.exit_state[row, cols], res.pred[row, cols]
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax's restore chatter
+  try:
+    c, plan, splits, params, tables = load_workdir(FLAGS.workdir)
+    seed = plan.eval.seeds[0] if FLAGS.seed is None else FLAGS.seed
+    fitted = evaluate.load_variant(tables, FLAGS.variant, seed, plan.eval,
+                                   os.path.join(FLAGS.workdir, "predictors"))
+    budgets = [float(b) for b in FLAGS.budgets]
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  bb = vit.backbone(plan.model)
+  test_x, test_y = splits.test.images[:], np.asarray(splits.test.labels)
+  fam = fitted.family
+  top = baselines.top_level(fam)
+  full_level = plan.ladder[top]
+  device = jax.devices()[0].device_kind
+  print(f"device: {device} ({jax.default_backend()}, {len(jax.local_devices())} device(s));"
+        f" {len(test_y)} test images; predictors {FLAGS.variant} seed {seed}")
+
+  full = full_model_fn(bb, params, full_level)
+  full_pred = classify_full(full, test_x, FLAGS.max_batch)
+  full_acc = float((full_pred == test_y).mean())
+  full_s = median_seconds(lambda: classify_full(full, test_x, FLAGS.max_batch), FLAGS.reps)
+  full_ips = len(test_y) / full_s
+  print(f"full model ({full_level}, {bb.num_blocks} blocks): {full_ips:.0f} img/s,"
+        f" test accuracy {100 * full_acc:.2f}%")
+
+  gating = runtime.gating_from_fitted(fitted, plan.eval.predictor.level)
+  runner = runtime.Runner(bb, params, plan.ladder, gating, input_shape=test_x.shape[1:],
+                          max_batch=FLAGS.max_batch)
+  t0 = time.time()
+  lat = runtime.latency_costs(runner, reps=FLAGS.reps)
+  print(f"latency cost model measured in {time.time() - t0:.0f} s")
+  names = list(fam.ladder)
+  block_us = {n: float(1e6 * lat.full_model * lat.blocks[:, q].mean()) for q, n in enumerate(names)}
+  print("block time per sample (us): " + ", ".join(f"{n} {v:.2f}" for n, v in block_us.items())
+        + "; relative to " + names[top] + ": "
+        + ", ".join(f"{n} {v / block_us[names[top]]:.2f}x" for n, v in block_us.items()))
+  models = {"bops": runner, "latency": runner.with_costs(lat)}
+  fits = {"bops": fitted, "latency": dataclasses.replace(fitted, family=models["latency"].family)}
+
+  rng = np.random.default_rng(0)
+  cases = []  # (cost model, label, per-sample λ)
+  cal_full = float(tables["cal"].restrict(fam).correct[baselines.chain(fam, top)[-1]].mean())
+  for name, f in fits.items():
+    lam = half_point(f, tables["cal"], cal_full, FLAGS.max_drop)
+    if name == "bops":
+      cases.append((name, "λ=0", np.zeros(len(test_y))))
+    cases.append((name, f"half point λ={lam:.3g}", np.full(len(test_y), lam)))
+    if name == "bops":
+      for b in budgets:
+        mix = policy.budget_mix(
+            lambda l: float(f.simulate(tables["cal"], "cal", [l]).mean_cost()[0]), b)
+        coin = rng.random(len(test_y)) < mix.p_rich
+        cases.append((name, f"budget {b:g}", np.where(coin, mix.lam_rich, mix.lam)))
+
+  rows = []
+  print(f"\n| cost model | λ | img/s | vs full | test acc | acc drop | counted cost | mismatches |")
+  print("|---|---|---|---|---|---|---|---|")
+  for name, label, lam in cases:
+    r = models[name]
+    out = r.classify(test_x, lam)
+    secs = median_seconds(lambda: r.classify(test_x, lam), FLAGS.reps)
+    state, pred = simulated(fits[name], tables["test"], lam)
+    mism = int(((state != out.exit_state) | (pred != out.pred)).sum())
+    acc = float((out.pred == test_y).mean())
+    bops_cost = float(fam.cost[out.exit_state].mean())  # counted BOPs, whatever decided
+    row = {"cost_model": name, "lambda": label, "img_per_s": len(test_y) / secs,
+           "speedup": full_s / secs, "accuracy": acc, "accuracy_drop": full_acc - acc,
+           "bops_cost": bops_cost, "mismatches": mism, "mean_exit_gate": float(out.exit_gate.mean())}
+    rows.append(row)
+    print(f"| {name} | {label} | {row['img_per_s']:.0f} | {row['speedup']:.2f}x | {100 * acc:.2f}"
+          f" | {100 * row['accuracy_drop']:.2f} | {bops_cost:.3f} | {mism}/{len(test_y)} |")
+
+  halves = [r for r in rows if r["lambda"].startswith("half")]
+  best = max(halves, key=lambda r: r["speedup"])
+  print(json.dumps({"device": device, "backend": jax.default_backend(), "full_img_per_s": full_ips,
+                    "full_accuracy": full_acc, "speedup_at_half_point": best["speedup"],
+                    "cost_model": best["cost_model"], "accuracy_drop": best["accuracy_drop"],
+                    "block_us_per_sample": block_us, "rows": rows}))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

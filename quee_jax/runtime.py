@@ -1,0 +1,372 @@
+"""Real adaptive inference: each sample runs only the blocks its policy picks.
+
+A batch goes through the network gate by gate. At gate g the samples still
+active are grouped by the level of their next segment; each group is gathered
+(compacted, not masked) out of a buffer of hidden states, padded to a bucket
+size, and pushed through one compiled program: the segment's blocks at that
+level, the exit head, the softmax statistics, the predictor features and the
+error predictor. The predicted errors come back to the host, which decides
+with `policy.step`, the function `policy.simulate` decides with, and regroups
+the samples that continue. Programs are keyed by (gate, level, bucket), so
+their number is bounded by gates x levels x buckets whatever the data.
+
+Exactness: features are put together by `features.assemble`, as for the
+state tables; quantized matmuls are integer-exact and activation scales are
+per token, so a sample's numbers do not depend on its group. What can still
+differ from the tables is float rounding of a float matmul whose kernel
+depends on the batch shape (measured in tests and by experiments/bench_runtime.py).
+
+Devices: a batch is split into one lane per device (a lane has its own
+buffers); every lane's programs of a gate are dispatched before any result is
+fetched, so the devices work at once.
+
+Latency cost model (`latency_costs`): the runner's own programs timed on the
+device at hand, per sample, normalized like BOPs; `Gating.with_costs` turns
+it into a policy whose ΔC is time. The predictors are the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quee_jax import features, policy, precision, predictor
+from quee_jax.backbone import Backbone, Params
+from quee_jax.collect import softmax_features, summary_projection
+from quee_jax.cost import CostTable
+from quee_jax.paths import PathFamily
+
+
+@dataclasses.dataclass(frozen=True)
+class Gating:
+  """What a trained QuEE policy is made of (everything but the backbone and λ).
+
+  Attributes:
+    family: the path family: states, candidates, and the costs ΔC is taken from.
+    predictor: the per-gate MLPs (`predictor.train`), with their "shrink"
+      calibration if the evaluation used one.
+    predictor_level: the level the predictors run at.
+    population_err: `policy.start_errors` of the fit table (the start level).
+    tau: the decision rule's soft floor (`policy`).
+  """
+
+  family: PathFamily
+  predictor: Params
+  predictor_level: str
+  population_err: np.ndarray
+  tau: float = policy.SOFT_FLOOR
+
+  @property
+  def num_features(self) -> int:
+    return int(np.shape(self.predictor["mean"])[0])
+
+  @property
+  def summary_dim(self) -> int:
+    """Dimensions of the projected exit summary among the predictor's inputs."""
+    return self.num_features - features.num_features(self.family, 0)
+
+  def with_costs(self, costs: CostTable) -> "Gating":
+    """The same predictors deciding with another cost model (e.g. `latency_costs`)."""
+    return dataclasses.replace(self, family=self.family.with_costs(costs))
+
+
+def gating_from_fitted(fitted, predictor_level: str) -> Gating:
+  """A `Gating` from an `evaluate.Fitted` (its family already counts the predictors)."""
+  return Gating(fitted.family, fitted.params, predictor_level, fitted.population_err, fitted.tau)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+  """Per sample: what the runner did."""
+
+  pred: np.ndarray        # [N] predicted class at the exit taken
+  exit_state: np.ndarray  # [N] the family's state at the exit
+  exit_gate: np.ndarray   # [N] index of the exit taken
+  levels: np.ndarray      # [N, num_blocks] level index each block ran at, -1 for blocks not run
+  cost: np.ndarray        # [N] counted cost of the path, in the family's cost unit
+
+
+def _buckets(max_batch: int, min_bucket: int) -> tuple[int, ...]:
+  out, b = [], min_bucket
+  while b < max_batch:
+    out.append(b)
+    b *= 2
+  return tuple(out) + (max_batch,)
+
+
+class Runner:
+  """Classifies batches of raw inputs with a QuEE policy, skipping what it does not run.
+
+  Args:
+    backbone: the multi-exit model.
+    params: its parameters (exit heads included).
+    ladder: the precision levels to run (names or Levels); must be the ladder
+      the predictors were trained for.
+    gating: the trained policy (`gating_from_fitted`, `Gating.with_costs`).
+    input_shape: the shape of one input (e.g. (28, 28, 1)); inputs are float32.
+    max_batch: samples per lane per pass; larger batches are cut into passes.
+    min_bucket: the smallest padded group size; buckets double up to max_batch.
+    devices: one lane per device (default: every local device).
+  """
+
+  def __init__(self, backbone: Backbone, params: Params, ladder, gating: Gating, *,
+               input_shape: Sequence[int], max_batch: int = 1024, min_bucket: int = 32,
+               devices: Sequence | None = None):
+    fam = gating.family
+    names = precision.ladder_names(precision.parse_ladder(ladder))
+    if tuple(names) != tuple(fam.ladder):
+      raise ValueError(f"gating: predictors trained for ladder {list(fam.ladder)},"
+                       f" the runner was given {names}")
+    if tuple(fam.exits) != tuple(backbone.exits):
+      raise ValueError(f"gating: family built for exits {fam.exits}, the backbone has {backbone.exits}")
+    p = gating.predictor
+    G, C, F = fam.num_gates, len(fam.candidates), gating.num_features
+    for key, shape in (("w1", (G, F, None)), ("w2", (G, None, C))):
+      got = np.shape(p[key])
+      if len(got) != 3 or any(s is not None and s != g for s, g in zip(shape, got)):
+        raise ValueError(f"gating: predictor {key} has shape {got}; the family needs {G} gates and"
+                         f" {C} candidates (trained for another ladder or exits?)")
+    if gating.summary_dim < 0 or (gating.summary_dim > 0 and backbone.summary is None):
+      raise ValueError(f"gating: the predictor takes {F} features, which does not fit this"
+                       f" backbone and family (trained for another ladder or exits?)")
+    if np.shape(gating.population_err) != (len(fam.start_levels), G):
+      raise ValueError(f"gating: population_err has shape {np.shape(gating.population_err)},"
+                       f" expected {(len(fam.start_levels), G)}")
+    for name, v in (("max_batch", max_batch), ("min_bucket", min_bucket)):
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    if min_bucket > max_batch:
+      raise ValueError(f"min_bucket: expected at most max_batch {max_batch}, got {min_bucket}")
+    self.backbone, self.gating, self.family = backbone, gating, fam
+    self.input_shape = tuple(int(s) for s in input_shape)
+    self.max_batch, self.buckets = max_batch, _buckets(max_batch, min_bucket)
+    self.devices = list(devices) if devices is not None else jax.local_devices()
+    self._levels = precision.parse_ladder(ladder)
+    self._pred_level = precision.parse_level(gating.predictor_level)
+    self._onehot = features.state_onehots(fam)
+    self._anc_changes = fam.level[np.maximum(fam.parent, 0)] != fam.level  # a switch into s
+    self._shrink = p.get("shrink")
+    x1 = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
+    h1 = jax.eval_shape(backbone.embed, params, x1)
+    self._hidden = (h1.shape[1:], h1.dtype)
+    proj = None
+    if gating.summary_dim:
+      width = jax.eval_shape(lambda p, h: backbone.summary(p, 0, h), params, h1).shape[-1]
+      proj = summary_projection(width, gating.summary_dim)
+    mlp = {k: p[k] for k in predictor.MLP_KEYS}
+    # One copy of everything per lane device.
+    self._consts = [jax.device_put((params, mlp, proj), d) for d in self.devices]
+    self.num_traces = 0
+    self._stage = jax.jit(self._stage_fn, static_argnames=("gate", "level", "blocks"),
+                          donate_argnames=("hidden", "last_logits"))
+
+  def with_costs(self, costs: CostTable) -> "Runner":
+    """This runner, its compiled programs shared, deciding with another cost model."""
+    other = copy.copy(self)
+    other.gating = self.gating.with_costs(costs)
+    other.family = other.gating.family  # the same states: only costs and ΔC differ
+    return other
+
+  # -- the compiled program of one (gate, level, bucket) ----------------------
+
+  def _stage_fn(self, consts, hidden, last_logits, rows, images, host, *, gate: int,
+                level: int, blocks: bool = True):
+    """One group at one gate: [embed,] segment, exit, features, predicted errors.
+
+    hidden [max_batch + 1, ...] and last_logits [max_batch + 1, C] hold each
+    row's state (the last row takes the padding); rows [b] are the group's rows.
+    """
+    self.num_traces += 1  # runs at trace time only: counts compilations
+    params, mlp, proj = consts
+    bb, fam = self.backbone, self.family
+    bounds = (0,) + fam.exits
+    h = bb.embed(params, images) if gate == 0 else hidden[rows]
+    if blocks:
+      for i in range(bounds[gate], bounds[gate + 1]):
+        h = bb.block(params, i, h, self._levels[level])
+    logits = bb.exit_head(params, gate, h)
+    stats = softmax_features(logits, None if gate == 0 else last_logits[rows])
+    pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    out = {"pred": pred, **{k: stats[k] for k in ("max_prob", "margin", "entropy")}}
+    if gate < fam.num_gates - 1:  # the last gate always exits: no predictor, nothing to keep
+      hidden = hidden.at[rows].set(h.astype(hidden.dtype))
+      last_logits = last_logits.at[rows].set(logits.astype(jnp.float32))
+      summary = None
+      if proj is not None:
+        summary = bb.summary(params, gate, h).astype(jnp.float32) @ proj
+      x = features.assemble(stats, host["parent_stats"], host["anc_pred"], host["anc_max_prob"],
+                            host["has_anc"], pred, summary, host["onehot"])
+      out["errors"] = jax.nn.sigmoid(predictor.logits(mlp, x, gate, self._pred_level))
+    return hidden, last_logits, out
+
+  # -- host side ---------------------------------------------------------------
+
+  def _check_inputs(self, images, lam) -> tuple[np.ndarray, np.ndarray]:
+    images = np.asarray(images)
+    if images.ndim != len(self.input_shape) + 1 or images.shape[1:] != self.input_shape:
+      raise ValueError(f"images: expected shape [N, {', '.join(map(str, self.input_shape))}],"
+                       f" got {list(images.shape)}")
+    if images.dtype != np.float32:
+      raise ValueError(f"images: expected float32 (preprocessed as in training), got {images.dtype}")
+    if len(images) == 0:
+      raise ValueError("images: expected at least one image, got none")
+    if not np.isfinite(images).all():
+      bad = int((~np.isfinite(images.reshape(len(images), -1))).any(axis=1).sum())
+      raise ValueError(f"images: {bad} image(s) hold NaN or infinite values")
+    lam = np.asarray(lam, np.float64)
+    if lam.ndim == 0:
+      lam = np.full(len(images), float(lam))
+    if lam.shape != (len(images),):
+      raise ValueError(f"lam: expected a number or one per image ({len(images)}), got shape {lam.shape}")
+    if not np.isfinite(lam).all() or (lam < 0).any():
+      raise ValueError(f"lam: expected finite values >= 0, got min {lam.min()}")
+    return images, lam
+
+  def classify(self, images, lam) -> RunResult:
+    """Runs the policy at trade-off `lam` (a number, or one per image) on images [N, ...]."""
+    images, lam = self._check_inputs(images, lam)
+    fam = self.family
+    n = len(images)
+    start = np.empty(n, np.int32)
+    for value in np.unique(lam):  # the start level depends on λ only
+      start[lam == value] = policy.start_levels(fam, self.gating.population_err, np.array([value]),
+                                                self.gating.tau)[0]
+    state, pred = np.empty(n, np.int32), np.empty(n, np.int32)
+    per_pass = self.max_batch * len(self.devices)
+    for lo in range(0, n, per_pass):
+      hi = min(n, lo + per_pass)
+      lanes = np.array_split(np.arange(lo, hi), len(self.devices))
+      lanes = [(d, idx) for d, idx in enumerate(lanes) if len(idx)]
+      for (d, idx), (s, p) in zip(lanes, self._run_pass(images, lam, start, lanes)):
+        state[idx], pred[idx] = s, p
+    levels = fam.history[state]
+    return RunResult(pred=pred, exit_state=state, exit_gate=fam.gate[state], levels=levels,
+                     cost=fam.cost[state])
+
+  def _bucket(self, m: int) -> int:
+    return next(b for b in self.buckets if b >= m)
+
+  def _run_pass(self, images, lam, start, lanes):
+    """Every lane of one pass gate by gate; returns (exit state, prediction) per lane."""
+    fam = self.family
+    G = fam.num_gates
+    hid_shape, hid_dtype = self._hidden
+    num_classes = self.backbone.num_classes
+    lanes_state = []
+    for d, idx in lanes:
+      m = len(idx)
+      dev = self.devices[d]
+      lanes_state.append({
+          "dev": d, "idx": idx, "lam": lam[idx], "cur": start[idx].copy(),
+          "active": np.arange(m), "done_state": np.full(m, -1, np.int32),
+          "done_pred": np.full(m, -1, np.int32),
+          "parent_stats": np.zeros((m, 3), np.float32), "anc_pred": np.zeros(m, np.int32),
+          "anc_max_prob": np.zeros(m, np.float32), "has_anc": np.zeros(m, bool),
+          "hidden": jax.device_put(jnp.zeros((self.max_batch + 1, *hid_shape), hid_dtype), dev),
+          "logits": jax.device_put(jnp.zeros((self.max_batch + 1, num_classes), jnp.float32), dev),
+      })
+    for gate in range(G):
+      launched = []
+      for ln in lanes_state:  # dispatch every lane's groups before fetching any result
+        groups = []
+        act = ln["active"]
+        lv = fam.level[ln["cur"][act]]
+        for q in np.unique(lv):
+          members = act[lv == q]
+          b = self._bucket(len(members))
+          rows = np.full(b, self.max_batch, np.int32)  # padding rows write the spare row
+          rows[:len(members)] = members
+          pad = lambda a: np.concatenate([a, np.zeros((b - len(members), *a.shape[1:]), a.dtype)])
+          host = {"parent_stats": pad(ln["parent_stats"][members]),
+                  "anc_pred": pad(ln["anc_pred"][members]),
+                  "anc_max_prob": pad(ln["anc_max_prob"][members]),
+                  "has_anc": pad(ln["has_anc"][members]),
+                  "onehot": pad(self._onehot[ln["cur"][members]])}
+          imgs = pad(images[ln["idx"][members]]) if gate == 0 else None
+          ln["hidden"], ln["logits"], out = self._stage(
+              self._consts[ln["dev"]], ln["hidden"], ln["logits"], rows, imgs, host,
+              gate=gate, level=int(q))
+          groups.append((members, out))
+        launched.append(groups)
+      for ln, groups in zip(lanes_state, launched):
+        for members, out in groups:
+          self._decide(ln, gate, members, jax.device_get(out))
+        ln["active"] = np.flatnonzero(ln["done_state"] < 0)
+    return [(ln["done_state"], ln["done_pred"]) for ln in lanes_state]
+
+  def _decide(self, ln, gate: int, members: np.ndarray, out: dict) -> None:
+    fam, m = self.family, len(members)
+    cur = ln["cur"][members]
+    pred = out["pred"][:m]
+    if gate == fam.num_gates - 1:
+      exiting, nxt = np.ones(m, bool), cur
+    else:
+      errors = out["errors"][:m]
+      if self._shrink is not None:
+        errors = predictor.apply_shrinkage(errors, self._shrink, fam, states=cur)
+      exiting, nxt = policy.step(fam, cur, errors, ln["lam"][members], self.gating.tau)
+    ln["done_state"][members[exiting]] = cur[exiting]
+    ln["done_pred"][members[exiting]] = pred[exiting]
+    go = ~exiting
+    moved, nxt = members[go], nxt[go]
+    switch = self._anc_changes[nxt]
+    ln["anc_pred"][moved[switch]] = pred[go][switch]
+    ln["anc_max_prob"][moved[switch]] = out["max_prob"][:m][go][switch]
+    ln["has_anc"][moved[switch]] = True
+    ln["parent_stats"][moved] = np.stack(
+        [out[k][:m][go] for k in ("max_prob", "margin", "entropy")], axis=-1)
+    ln["cur"][moved] = nxt
+
+  # -- latency ---------------------------------------------------------------
+
+  def time_stage(self, gate: int, level: int, blocks: bool = True, reps: int = 5) -> float:
+    """Median seconds per sample of the (gate, level) program at the largest bucket, lane 0."""
+    b = self.max_batch
+    hid_shape, hid_dtype = self._hidden
+    dev = self.devices[0]
+    rng = np.random.default_rng(0)
+    hidden = jax.device_put(jnp.asarray(rng.normal(size=(b + 1, *hid_shape)), hid_dtype), dev)
+    logits = jax.device_put(jnp.zeros((b + 1, self.backbone.num_classes), jnp.float32), dev)
+    rows = np.arange(b, dtype=np.int32)
+    s = self.family.states_at(gate)[0]
+    host = {"parent_stats": np.zeros((b, 3), np.float32), "anc_pred": np.zeros(b, np.int32),
+            "anc_max_prob": np.zeros(b, np.float32), "has_anc": np.zeros(b, bool),
+            "onehot": np.repeat(self._onehot[s][None], b, axis=0)}
+    imgs = rng.normal(size=(b, *self.input_shape)).astype(np.float32) if gate == 0 else None
+    times = []
+    for _ in range(reps + 1):  # the first call compiles
+      t0 = time.perf_counter()
+      hidden, logits, out = self._stage(self._consts[0], hidden, logits, rows, imgs, host,
+                                        gate=gate, level=level, blocks=blocks)
+      jax.block_until_ready(out)
+      times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:])) / b
+
+
+def latency_costs(runner: Runner, reps: int = 5) -> CostTable:
+  """The runner's own programs timed per sample on its first device, normalized like BOPs.
+
+  blocks[i, q]: (time of the (gate, q) program - the same program without its
+  blocks) / blocks in the segment. heads[g]: the program without blocks: the
+  exit head, features, predictor, gather and scatter, and at gate 0 the
+  embedding (every path pays gate 0's once, so `embed` is 0). Normalized so
+  that 1 is the runner's full path: every gate's program at the family's top
+  level (by counted cost), as λ = 0 runs it.
+  """
+  fam = runner.family
+  bounds = (0,) + fam.exits
+  heads = np.array([runner.time_stage(g, 0, blocks=False, reps=reps) for g in range(fam.num_gates)])
+  blocks = np.zeros((fam.num_blocks, len(fam.ladder)))
+  for g in range(fam.num_gates):
+    for q in range(len(fam.ladder)):
+      seg = runner.time_stage(g, q, reps=reps) - heads[g]
+      blocks[bounds[g]:bounds[g + 1], q] = max(seg, 0.0) / (bounds[g + 1] - bounds[g])
+  full = blocks[:, fam.top].sum() + heads.sum()  # the runner at λ = 0 runs every gate's program
+  return CostTable(unit="seconds", float_bits=fam.costs.float_bits, ladder=fam.ladder, embed=0.0,
+                   blocks=blocks / full, heads=heads / full, full_model=float(full))

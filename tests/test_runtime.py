@@ -1,0 +1,166 @@
+"""The adaptive runtime: it decides as the simulated policy does, compiles a bounded
+number of programs, and refuses bad input before running anything."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import quee_jax as q
+from quee_jax import evaluate, predictor, runtime
+from conftest import family, images, labels
+
+LAMBDAS = (0.0, 1e-4, 1e-3, 0.01, 0.05, 0.2, 1e3)
+CFG = evaluate.EvalConfig(seeds=(0,), min_cluster=20, max_clusters=8, variants=("quee",),
+                          predictor=predictor.PredictorConfig(epochs=8, batch_size=64))
+
+
+def make_fitted(tiny, ladder="float,w4a4", n=(400, 200, 200)):
+  """Tables of a random tiny ViT on random images, and QuEE fitted on them."""
+  cfg, params, bb = tiny
+  fam = family(bb, params, ladder)
+  x = {k: images(m, seed=i) for i, (k, m) in enumerate(zip(("fit", "cal", "test"), n))}
+  tables = {}
+  for i, k in enumerate(x):
+    t = q.collect_table(bb, params, fam, x[k], labels(len(x[k]), seed=10 + i), batch_size=100,
+                        progress=False)
+    # Labels the full model gets right 60% of the time, so errors differ between paths.
+    top = t.pred[q.baselines.chain(fam, 0)[-1]]
+    y = np.where(np.random.default_rng(i).random(len(top)) < 0.6, top, t.labels).astype(np.int32)
+    tables[k] = dataclasses.replace(t, labels=y, correct=t.pred == y[None])
+  fitted = evaluate.fit_variant(tables, None, "soft", 0, CFG)
+  return x, tables, fitted
+
+
+@pytest.fixture(scope="module")
+def setup(tiny):
+  x, tables, fitted = make_fitted(tiny)
+  cfg, params, bb = tiny
+  gating = runtime.gating_from_fitted(fitted, CFG.predictor.level)
+  runner = runtime.Runner(bb, params, "float,w4a4", gating, input_shape=x["test"].shape[1:],
+                          max_batch=64, min_bucket=8)
+  return x, tables, fitted, runner
+
+
+def simulated(fitted, table, lam):
+  res = fitted.simulate(table, "test", np.array([lam]))
+  return res.exit_state[0], res.pred[0]
+
+
+def test_runner_equals_the_simulated_policy_on_every_sample(setup):
+  x, tables, fitted, runner = setup
+  costs = set()
+  for lam in LAMBDAS:
+    out = runner.classify(x["test"], lam)
+    state, pred = simulated(fitted, tables["test"], lam)
+    np.testing.assert_array_equal(out.exit_state, state, err_msg=f"lambda {lam}")
+    np.testing.assert_array_equal(out.pred, pred, err_msg=f"lambda {lam}")
+    fam = runner.family
+    np.testing.assert_array_equal(out.exit_gate, fam.gate[state])
+    np.testing.assert_array_equal(out.levels, fam.history[state])
+    costs.add(round(float(out.cost.mean()), 6))
+  assert len(costs) >= 3  # the λ above really take different paths
+
+
+def test_per_sample_lambda_mixes_two_policies(setup):
+  x, tables, fitted, runner = setup
+  coin = np.random.default_rng(0).random(len(x["test"])) < 0.5
+  out = runner.classify(x["test"], np.where(coin, 1e-3, 0.2))
+  for lam, rows in ((1e-3, coin), (0.2, ~coin)):
+    state, _ = simulated(fitted, tables["test"], lam)
+    np.testing.assert_array_equal(out.exit_state[rows], state[rows])
+
+
+def test_compilations_are_bounded_and_do_not_grow_with_batches(setup, tiny):
+  x, _, _, shared = setup
+  runner = runtime.Runner(tiny[2], tiny[1], "float,w4a4", shared.gating,
+                          input_shape=x["test"].shape[1:], max_batch=64, min_bucket=8)
+  fam = runner.family
+  data = x["test"][:192]  # three passes of max_batch
+  for lam in LAMBDAS:
+    runner.classify(data, lam)
+  seen = runner.num_traces
+  for lam in LAMBDAS:  # four times the batches, the same passes: nothing new to compile
+    runner.classify(np.concatenate([data] * 4), lam)
+  assert runner.num_traces == seen
+  for n in (200, 37, 5, 1):  # every group size
+    for lam in LAMBDAS:
+      runner.classify(x["test"][:n], lam)
+  assert seen <= runner.num_traces <= fam.num_gates * len(fam.ladder) * len(runner.buckets)
+
+
+def test_latency_cost_model_is_measured_and_decides_with_the_same_predictors(setup):
+  x, tables, fitted, runner = setup
+  lat = runtime.latency_costs(runner, reps=2)
+  fam = runner.family
+  assert lat.unit == "seconds" and lat.blocks.shape == (fam.num_blocks, len(fam.ladder))
+  assert (lat.blocks >= 0).all() and (lat.heads > 0).all() and lat.full_model > 0
+  timed = runner.with_costs(lat)
+  assert timed.family.num_states == fam.num_states
+  lat_fitted = dataclasses.replace(fitted, family=timed.family)
+  for lam in (0.0, 0.01, 0.3):
+    out = timed.classify(x["test"], lam)
+    state, _ = simulated(lat_fitted, tables["test"], lam)
+    np.testing.assert_array_equal(out.exit_state, state)
+
+
+def test_bad_input_is_refused_before_any_compute(setup, tiny):
+  x, tables, fitted, runner = setup
+  cfg, params, bb = tiny
+  before = runner.num_traces
+  good = x["test"][:10]
+  cases = [
+      (good[:, :4], "images: expected shape"),
+      (good.astype(np.float64), "images: expected float32"),
+      ((good * 255).astype(np.uint8), "images: expected float32"),
+      (np.where(np.arange(10)[:, None, None, None] == 3, np.nan, good).astype(np.float32),
+       "1 image"),
+  ]
+  for bad, msg in cases:
+    with pytest.raises(ValueError, match=msg):
+      runner.classify(bad, 0.1)
+  for lam in (-0.1, np.nan, np.ones(3)):
+    with pytest.raises(ValueError, match="lam"):
+      runner.classify(good, lam)
+  assert runner.num_traces == before
+  gating = runner.gating
+  with pytest.raises(ValueError, match="trained for ladder"):
+    runtime.Runner(bb, params, "float,w8a8", gating, input_shape=good.shape[1:])
+  other = family(bb, params, "float,w8a8,w4a4")
+  wrong = dataclasses.replace(gating, family=other)  # predictors sized for two levels
+  with pytest.raises(ValueError, match="gating: predictor"):
+    runtime.Runner(bb, params, "float,w8a8,w4a4", wrong, input_shape=good.shape[1:])
+
+
+SHARDED = """
+import jax, numpy as np
+from test_runtime import make_fitted
+from conftest import TINY
+import quee_jax as q
+from quee_jax import runtime
+params = q.vit.init(jax.random.key(0), TINY)
+tiny = (TINY, params, q.vit.backbone(TINY))
+x, tables, fitted = make_fitted(tiny, n=(400, 100, 100))
+gating = runtime.gating_from_fitted(fitted, "w8a8")
+one = runtime.Runner(tiny[2], params, "float,w4a4", gating, input_shape=x["test"].shape[1:],
+                     max_batch=32, min_bucket=8, devices=jax.local_devices()[:1])
+two = runtime.Runner(tiny[2], params, "float,w4a4", gating, input_shape=x["test"].shape[1:],
+                     max_batch=32, min_bucket=8)
+assert len(two.devices) == 2
+for lam in (0.0, 0.01, 0.2):
+  a, b = one.classify(x["test"], lam), two.classify(x["test"], lam)
+  assert (a.exit_state == b.exit_state).all() and (a.pred == b.pred).all(), lam
+print("ok")
+"""
+
+
+def test_lanes_over_two_devices_give_the_same_results():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "JAX_PLATFORMS": "cpu"}
+  here = os.path.dirname(os.path.abspath(__file__))
+  out = subprocess.run([sys.executable, "-c", SHARDED], cwd=here, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
