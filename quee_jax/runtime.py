@@ -93,11 +93,20 @@ class RunResult:
 
 
 def _buckets(max_batch: int, min_bucket: int) -> tuple[int, ...]:
-  out, b = [], min_bucket
+  """min_bucket, 1.5x, 2x, 3x, 4x, ... (multiples of 8 above 8) up to max_batch, and max_batch.
+
+  Half steps between powers of two pad a group by at most a third (not a half).
+  """
+  out, b = set(), min_bucket
   while b < max_batch:
-    out.append(b)
+    out.update((b, min(max_batch, -(-(3 * b // 2) // 8) * 8 if b >= 8 else b)))
     b *= 2
-  return tuple(out) + (max_batch,)
+  return tuple(sorted(out | {max_batch}))
+
+
+# Columns of the per-row host state that features need (`Runner._stage_fn`).
+_PARENT, _ANC_PRED, _ANC_MAX_PROB, _HAS_ANC = slice(0, 3), 3, 4, 5
+_HOST_COLS = 6
 
 
 class Runner:
@@ -111,7 +120,8 @@ class Runner:
     gating: the trained policy (`gating_from_fitted`, `Gating.with_costs`).
     input_shape: the shape of one input (e.g. (28, 28, 1)); inputs are float32.
     max_batch: samples per lane per pass; larger batches are cut into passes.
-    min_bucket: the smallest padded group size; buckets double up to max_batch.
+    min_bucket: the smallest padded group size; buckets grow by half steps
+      (x1.5, x2) up to max_batch.
     devices: one lane per device (default: every local device).
   """
 
@@ -180,7 +190,10 @@ class Runner:
     """One group at one gate: [embed,] segment, exit, features, predicted errors.
 
     hidden [max_batch + 1, ...] and last_logits [max_batch + 1, C] hold each
-    row's state (the last row takes the padding); rows [b] are the group's rows.
+    row's state (the last row takes the padding); rows [b] are the group's rows;
+    host [b, _HOST_COLS + O]: the previous exit's statistics, the switch
+    ancestor's prediction and max prob, and the state's one-hots (float32; the
+    integers in it are small, so exact).
     """
     self.num_traces += 1  # runs at trace time only: counts compilations
     params, mlp, proj = consts
@@ -200,8 +213,9 @@ class Runner:
       summary = None
       if proj is not None:
         summary = bb.summary(params, gate, h).astype(jnp.float32) @ proj
-      x = features.assemble(stats, host["parent_stats"], host["anc_pred"], host["anc_max_prob"],
-                            host["has_anc"], pred, summary, host["onehot"])
+      x = features.assemble(stats, host[:, _PARENT], host[:, _ANC_PRED].astype(jnp.int32),
+                            host[:, _ANC_MAX_PROB], host[:, _HAS_ANC] > 0, pred, summary,
+                            host[:, _HOST_COLS:])
       out["errors"] = jax.nn.sigmoid(predictor.logits(mlp, x, gate, self._pred_level))
     return hidden, last_logits, out
 
@@ -265,9 +279,7 @@ class Runner:
       lanes_state.append({
           "dev": d, "idx": idx, "lam": lam[idx], "cur": start[idx].copy(),
           "active": np.arange(m), "done_state": np.full(m, -1, np.int32),
-          "done_pred": np.full(m, -1, np.int32),
-          "parent_stats": np.zeros((m, 3), np.float32), "anc_pred": np.zeros(m, np.int32),
-          "anc_max_prob": np.zeros(m, np.float32), "has_anc": np.zeros(m, bool),
+          "done_pred": np.full(m, -1, np.int32), "host": np.zeros((m, _HOST_COLS), np.float32),
           "hidden": jax.device_put(jnp.zeros((self.max_batch + 1, *hid_shape), hid_dtype), dev),
           "logits": jax.device_put(jnp.zeros((self.max_batch + 1, num_classes), jnp.float32), dev),
       })
@@ -279,35 +291,39 @@ class Runner:
         lv = fam.level[ln["cur"][act]]
         for q in np.unique(lv):
           members = act[lv == q]
-          b = self._bucket(len(members))
+          m, b = len(members), self._bucket(len(members))
           rows = np.full(b, self.max_batch, np.int32)  # padding rows write the spare row
-          rows[:len(members)] = members
-          pad = lambda a: np.concatenate([a, np.zeros((b - len(members), *a.shape[1:]), a.dtype)])
-          host = {"parent_stats": pad(ln["parent_stats"][members]),
-                  "anc_pred": pad(ln["anc_pred"][members]),
-                  "anc_max_prob": pad(ln["anc_max_prob"][members]),
-                  "has_anc": pad(ln["has_anc"][members]),
-                  "onehot": pad(self._onehot[ln["cur"][members]])}
-          imgs = pad(images[ln["idx"][members]]) if gate == 0 else None
+          rows[:m] = members
+          host = np.zeros((b, _HOST_COLS + self._onehot.shape[1]), np.float32)
+          host[:m, :_HOST_COLS] = ln["host"][members]
+          host[:m, _HOST_COLS:] = self._onehot[ln["cur"][members]]
+          imgs = None
+          if gate == 0:
+            imgs = np.zeros((b, *self.input_shape), np.float32)
+            imgs[:m] = images[ln["idx"][members]]
           ln["hidden"], ln["logits"], out = self._stage(
               self._consts[ln["dev"]], ln["hidden"], ln["logits"], rows, imgs, host,
               gate=gate, level=int(q))
           groups.append((members, out))
         launched.append(groups)
-      for ln, groups in zip(lanes_state, launched):
-        for members, out in groups:
-          self._decide(ln, gate, members, jax.device_get(out))
+      for ln, groups in zip(lanes_state, launched):  # one decision per lane and gate
+        if not groups:  # every sample of the lane has exited
+          continue
+        outs = [jax.device_get(out) for _, out in groups]
+        members = np.concatenate([mem for mem, _ in groups])
+        out = {k: np.concatenate([o[k][:len(mem)] for (mem, _), o in zip(groups, outs)])
+               for k in outs[0]}
+        self._decide(ln, gate, members, out)
         ln["active"] = np.flatnonzero(ln["done_state"] < 0)
     return [(ln["done_state"], ln["done_pred"]) for ln in lanes_state]
 
   def _decide(self, ln, gate: int, members: np.ndarray, out: dict) -> None:
-    fam, m = self.family, len(members)
-    cur = ln["cur"][members]
-    pred = out["pred"][:m]
+    fam = self.family
+    cur, pred = ln["cur"][members], out["pred"]
     if gate == fam.num_gates - 1:
-      exiting, nxt = np.ones(m, bool), cur
+      exiting, nxt = np.ones(len(members), bool), cur
     else:
-      errors = out["errors"][:m]
+      errors = out["errors"]
       if self._shrink is not None:
         errors = predictor.apply_shrinkage(errors, self._shrink, fam, states=cur)
       exiting, nxt = policy.step(fam, cur, errors, ln["lam"][members], self.gating.tau)
@@ -315,18 +331,19 @@ class Runner:
     ln["done_pred"][members[exiting]] = pred[exiting]
     go = ~exiting
     moved, nxt = members[go], nxt[go]
+    host = ln["host"]
+    host[moved, _PARENT] = np.stack([out[k][go] for k in ("max_prob", "margin", "entropy")], -1)
     switch = self._anc_changes[nxt]
-    ln["anc_pred"][moved[switch]] = pred[go][switch]
-    ln["anc_max_prob"][moved[switch]] = out["max_prob"][:m][go][switch]
-    ln["has_anc"][moved[switch]] = True
-    ln["parent_stats"][moved] = np.stack(
-        [out[k][:m][go] for k in ("max_prob", "margin", "entropy")], axis=-1)
+    host[moved[switch], _ANC_PRED] = pred[go][switch]
+    host[moved[switch], _ANC_MAX_PROB] = out["max_prob"][go][switch]
+    host[moved[switch], _HAS_ANC] = 1.0
     ln["cur"][moved] = nxt
 
   # -- latency ---------------------------------------------------------------
 
   def time_stage(self, gate: int, level: int, blocks: bool = True, reps: int = 5) -> float:
-    """Median seconds per sample of the (gate, level) program at the largest bucket, lane 0."""
+    """Seconds per sample of the (gate, level) program at the largest bucket on lane 0: the
+    fastest of `reps` calls (what the program costs when nothing else competes for the device)."""
     b = self.max_batch
     hid_shape, hid_dtype = self._hidden
     dev = self.devices[0]
@@ -335,9 +352,8 @@ class Runner:
     logits = jax.device_put(jnp.zeros((b + 1, self.backbone.num_classes), jnp.float32), dev)
     rows = np.arange(b, dtype=np.int32)
     s = self.family.states_at(gate)[0]
-    host = {"parent_stats": np.zeros((b, 3), np.float32), "anc_pred": np.zeros(b, np.int32),
-            "anc_max_prob": np.zeros(b, np.float32), "has_anc": np.zeros(b, bool),
-            "onehot": np.repeat(self._onehot[s][None], b, axis=0)}
+    host = np.zeros((b, _HOST_COLS + self._onehot.shape[1]), np.float32)
+    host[:, _HOST_COLS:] = self._onehot[s]
     imgs = rng.normal(size=(b, *self.input_shape)).astype(np.float32) if gate == 0 else None
     times = []
     for _ in range(reps + 1):  # the first call compiles
@@ -346,7 +362,7 @@ class Runner:
                                         gate=gate, level=level, blocks=blocks)
       jax.block_until_ready(out)
       times.append(time.perf_counter() - t0)
-    return float(np.median(times[1:])) / b
+    return float(np.min(times[1:])) / b
 
 
 def latency_costs(runner: Runner, reps: int = 5) -> CostTable:
