@@ -35,7 +35,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import run as pipeline
-from quee_jax import baselines, evaluate, policy, precision, runtime
+from quee_jax import baselines, evaluate, policy, runtime
+from quee_jax.collect import padded_batches
 from quee_jax.models import vit
 from quee_jax.table import load_table
 
@@ -59,7 +60,7 @@ def load_workdir(workdir: str):
   plan = pipeline.make_plan(c)
   st = pipeline.stamps(c)
   for name, key in (("accuracy.json", "model"), ("results.json", "eval")):
-    if not pipeline._same(os.path.join(workdir, name), key, st[key]):
+    if not pipeline.made_with(os.path.join(workdir, name), key, st[key]):
       raise ValueError(f"workdir: {name} in {workdir!r} is missing or from another config;"
                        " finish `python -m experiments.run` with this config first")
   splits = pipeline.load_splits(c, plan)
@@ -79,14 +80,8 @@ def full_model_fn(backbone, params, level):
   return lambda images: fn(params, images)
 
 
-def classify_full(fn, images, batch):
-  out = []
-  for lo in range(0, len(images), batch):
-    x = images[lo:lo + batch]
-    n = len(x)
-    if n < batch:  # one compiled shape
-      x = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), x.dtype)])
-    out.append(fn(x)[:n])
+def classify_full(fn, images, labels, batch):
+  out = [fn(x)[:valid] for x, _, valid in padded_batches(images, labels, batch)]  # one shape
   return np.asarray(jnp.concatenate(out))
 
 
@@ -131,16 +126,16 @@ def main(argv):
   bb = vit.backbone(plan.model)
   test_x, test_y = splits.test.images[:], np.asarray(splits.test.labels)
   fam = fitted.family
-  top = baselines.top_level(fam)
+  top = fam.top
   full_level = plan.ladder[top]
   device = jax.devices()[0].device_kind
   print(f"device: {device} ({jax.default_backend()}, {len(jax.local_devices())} device(s));"
         f" {len(test_y)} test images; predictors {FLAGS.variant} seed {seed}")
 
   full = full_model_fn(bb, params, full_level)
-  full_pred = classify_full(full, test_x, FLAGS.max_batch)
+  full_pred = classify_full(full, test_x, test_y, FLAGS.max_batch)
   full_acc = float((full_pred == test_y).mean())
-  full_s = median_seconds(lambda: classify_full(full, test_x, FLAGS.max_batch), FLAGS.reps)
+  full_s = median_seconds(lambda: classify_full(full, test_x, test_y, FLAGS.max_batch), FLAGS.reps)
   full_ips = len(test_y) / full_s
   print(f"full model ({full_level}, {bb.num_blocks} blocks): {full_ips:.0f} img/s,"
         f" test accuracy {100 * full_acc:.2f}%")

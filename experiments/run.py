@@ -111,7 +111,7 @@ def _plain(value):
   return json.loads(json.dumps(value))
 
 
-def _same(path: str, key: str, value) -> bool:
+def made_with(path: str, key: str, value) -> bool:
   """Whether the JSON at path was written with config part `key` equal to value."""
   if not os.path.exists(path):
     return False
@@ -130,7 +130,7 @@ def _stage_dir(workdir: str, name: str, config: dict) -> str:
   """workdir/name for checkpoints made with config; emptied if they were made with another."""
   path = os.path.join(workdir, name)
   stamp = os.path.join(path, "config.json")
-  if os.path.isdir(path) and not _same(stamp, name, config):
+  if os.path.isdir(path) and not made_with(stamp, name, config):
     shutil.rmtree(path)
   if not os.path.exists(stamp):
     os.makedirs(path, exist_ok=True)
@@ -212,10 +212,10 @@ def run(c: ml_collections.ConfigDict, workdir: str, stages=STAGES) -> dict[str, 
 
   if {"backbone", "exit_heads"} & set(plan.stages):
     acc_path = os.path.join(wd, "accuracy.json")
-    if not _same(acc_path, "model", model_cfg) or not _same(acc_path, "ladder", c.ladder):
+    if not made_with(acc_path, "model", model_cfg) or not made_with(acc_path, "ladder", c.ladder):
       table = train.accuracy_table(model, trained(), splits.test, plan.ladder)
       train_s = dict(timings)
-      if _same(acc_path, "model", model_cfg):  # only the ladder changed: keep the training times
+      if made_with(acc_path, "model", model_cfg):  # only the ladder changed: keep the training times
         with open(acc_path) as f:
           train_s = json.load(f)["train_s"]
       _write_json(acc_path, {"config": {"model": model_cfg, "ladder": c.ladder},
@@ -249,7 +249,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, stages=STAGES) -> dict[str, 
 
   results_path = os.path.join(wd, "results.json")
   eval_key = st["eval"]
-  if "evaluate" in plan.stages and not _same(results_path, "eval", eval_key):
+  if "evaluate" in plan.stages and not made_with(results_path, "eval", eval_key):
     t0 = time.time()
     # Runs already saved under predictors/ for these tables and settings are loaded.
     results = evaluate.evaluate(tables["fit"], tables["cal"], tables["test"], plan.eval,

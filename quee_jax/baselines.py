@@ -23,11 +23,6 @@ from quee_jax.paths import PathFamily
 from quee_jax.table import StateTable
 
 
-def top_level(family: PathFamily) -> int:
-  """Index of the full model's level (by default the ladder's most expensive)."""
-  return family.top
-
-
 def full_depth_cost(family: PathFamily, level: int) -> float:
   """Embedding + every block at `level` + the last exit head: no intermediate heads run."""
   c = family.costs
@@ -42,7 +37,7 @@ def chain(family: PathFamily, level: int) -> np.ndarray:
 
 def full_model(table: StateTable) -> dict:
   fam = table.family
-  top = top_level(fam)
+  top = fam.top
   s = chain(fam, top)[-1]
   return {"level": fam.ladder[top], "accuracy": float(table.correct[s].mean()),
           "cost": full_depth_cost(fam, top), "pred": table.pred[s]}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from quee_jax import metrics
-from quee_jax.baselines import chain, top_level
+from quee_jax.baselines import chain
 from quee_jax.paths import EXIT
 from quee_jax.table import StateTable
 
@@ -26,7 +26,7 @@ from quee_jax.table import StateTable
 def exit_auroc(table: StateTable, predicted: np.ndarray) -> list[dict]:
   fam = table.family
   out = []
-  for g, s in enumerate(chain(fam, top_level(fam))):
+  for g, s in enumerate(chain(fam, fam.top)):
     if not fam.cand_mask[s, EXIT]:
       continue
     wrong = ~table.correct[s]

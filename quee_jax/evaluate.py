@@ -118,9 +118,9 @@ def fit_variant(tables: dict[str, StateTable], family_name: str | None, target_k
 def load_variant(tables: dict[str, StateTable], variant: str, seed: int, cfg: EvalConfig,
                  save_dir: str) -> Fitted:
   """A variant's predictors as `evaluate` saved them, with their predictions on every table."""
-  path = os.path.join(save_dir, variant, f"seed_{seed}")
   if variant not in VARIANTS:
     raise ValueError(f"variant: expected one of {list(VARIANTS)}, got {variant!r}")
+  path = os.path.join(save_dir, variant, f"seed_{seed}")
   if not os.path.isdir(path):
     raise ValueError(f"save_dir: no saved predictors at {path!r}; run the evaluate stage first")
   fam = _variant_family(tables["fit"].family, VARIANTS[variant][0])
@@ -379,7 +379,7 @@ def signal_recovery(fit: StateTable, cal: StateTable, test: StateTable, level: s
   combination clearly and the switch diagnostics should show it; hidden, both
   should fall back to the envelope.
   """
-  top = fit.family.ladder[baselines.top_level(fit.family)]
+  top = fit.family.ladder[fit.family.top]
   out = {"level": level}
   small = dataclasses.replace(cfg, variants=("quee",))
   for visible in (True, False):

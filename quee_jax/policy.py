@@ -108,12 +108,11 @@ def start_levels(family: PathFamily, population_err: np.ndarray, lambdas: np.nda
     valid = np.tile(np.arange(family.num_gates) == family.num_gates - 1, len(family.start_levels))
   else:
     valid = np.ones_like(flat_err, bool)
-  if family.top in family.start_levels:  # the full model's own path
-    ref = family.start_levels.index(family.top) * family.num_gates + family.num_gates - 1
-  else:
-    ref = int(np.argmax(np.where(valid, flat_cost, -np.inf)))
+  ref = None  # without the full model's own path among them: the dearest (`choose`)
+  if family.top in family.start_levels:
+    ref = np.array([family.start_levels.index(family.top) * family.num_gates + family.num_gates - 1])
   lam = np.asarray(lambdas, np.float64)
-  choice = choose(flat_err[None], flat_cost[None], valid[None], lam, tau, np.array([ref]))
+  choice = choose(flat_err[None], flat_cost[None], valid[None], lam, tau, ref)
   return roots[choice // family.num_gates]
 
 

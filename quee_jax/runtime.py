@@ -253,11 +253,13 @@ class Runner:
                                                 self.gating.tau)[0]
     state, pred = np.empty(n, np.int32), np.empty(n, np.int32)
     per_pass = self.max_batch * len(self.devices)
+    # Each lane's buffers serve every pass: a row read at a gate was written at the one before.
+    buffers = [self._zero_buffers(d) for d in self.devices]
     for lo in range(0, n, per_pass):
       hi = min(n, lo + per_pass)
       lanes = np.array_split(np.arange(lo, hi), len(self.devices))
       lanes = [(d, idx) for d, idx in enumerate(lanes) if len(idx)]
-      for (d, idx), (s, p) in zip(lanes, self._run_pass(images, lam, start, lanes)):
+      for (d, idx), (s, p) in zip(lanes, self._run_pass(images, lam, start, lanes, buffers)):
         state[idx], pred[idx] = s, p
     levels = fam.history[state]
     return RunResult(pred=pred, exit_state=state, exit_gate=fam.gate[state], levels=levels,
@@ -266,24 +268,29 @@ class Runner:
   def _bucket(self, m: int) -> int:
     return next(b for b in self.buckets if b >= m)
 
-  def _run_pass(self, images, lam, start, lanes):
-    """Every lane of one pass gate by gate; returns (exit state, prediction) per lane."""
-    fam = self.family
-    G = fam.num_gates
+  def _zero_buffers(self, device) -> list:
+    """[hidden [max_batch + 1, ...], last exit logits [max_batch + 1, C]] of one lane."""
     hid_shape, hid_dtype = self._hidden
-    num_classes = self.backbone.num_classes
+    rows = self.max_batch + 1  # the last row takes the padding
+    return [jnp.zeros((rows, *hid_shape), hid_dtype, device=device),
+            jnp.zeros((rows, self.backbone.num_classes), jnp.float32, device=device)]
+
+  def _run_pass(self, images, lam, start, lanes, buffers):
+    """Every lane of one pass gate by gate; returns (exit state, prediction) per lane.
+
+    buffers: each lane's `_zero_buffers`, updated in place (the programs donate them).
+    """
+    fam = self.family
     lanes_state = []
     for d, idx in lanes:
       m = len(idx)
-      dev = self.devices[d]
       lanes_state.append({
           "dev": d, "idx": idx, "lam": lam[idx], "cur": start[idx].copy(),
           "active": np.arange(m), "done_state": np.full(m, -1, np.int32),
           "done_pred": np.full(m, -1, np.int32), "host": np.zeros((m, _HOST_COLS), np.float32),
-          "hidden": jax.device_put(jnp.zeros((self.max_batch + 1, *hid_shape), hid_dtype), dev),
-          "logits": jax.device_put(jnp.zeros((self.max_batch + 1, num_classes), jnp.float32), dev),
+          "buffers": buffers[d],
       })
-    for gate in range(G):
+    for gate in range(fam.num_gates):
       launched = []
       for ln in lanes_state:  # dispatch every lane's groups before fetching any result
         groups = []
@@ -301,9 +308,9 @@ class Runner:
           if gate == 0:
             imgs = np.zeros((b, *self.input_shape), np.float32)
             imgs[:m] = images[ln["idx"][members]]
-          ln["hidden"], ln["logits"], out = self._stage(
-              self._consts[ln["dev"]], ln["hidden"], ln["logits"], rows, imgs, host,
-              gate=gate, level=int(q))
+          buf = ln["buffers"]
+          buf[0], buf[1], out = self._stage(self._consts[ln["dev"]], buf[0], buf[1], rows, imgs,
+                                            host, gate=gate, level=int(q))
           groups.append((members, out))
         launched.append(groups)
       for ln, groups in zip(lanes_state, launched):  # one decision per lane and gate
@@ -345,11 +352,10 @@ class Runner:
     """Seconds per sample of the (gate, level) program at the largest bucket on lane 0: the
     fastest of `reps` calls (what the program costs when nothing else competes for the device)."""
     b = self.max_batch
-    hid_shape, hid_dtype = self._hidden
-    dev = self.devices[0]
     rng = np.random.default_rng(0)
-    hidden = jax.device_put(jnp.asarray(rng.normal(size=(b + 1, *hid_shape)), hid_dtype), dev)
-    logits = jax.device_put(jnp.zeros((b + 1, self.backbone.num_classes), jnp.float32), dev)
+    dev = self.devices[0]
+    hidden, logits = self._zero_buffers(dev)
+    hidden = jax.device_put(jnp.asarray(rng.normal(size=hidden.shape), hidden.dtype), dev)
     rows = np.arange(b, dtype=np.int32)
     s = self.family.states_at(gate)[0]
     host = np.zeros((b, _HOST_COLS + self._onehot.shape[1]), np.float32)

@@ -18,7 +18,6 @@ import dataclasses
 
 import numpy as np
 
-from quee_jax.baselines import top_level
 from quee_jax.table import StateTable
 
 
@@ -26,7 +25,7 @@ def plant_signal(table: StateTable, level: str, seed: int, visible: bool = True)
   fam = table.family
   if level not in fam.ladder:
     raise ValueError(f"level: {level!r} is not in the ladder {fam.ladder}")
-  low, top = fam.ladder.index(level), top_level(fam)
+  low, top = fam.ladder.index(level), fam.top
   if low == top:
     raise ValueError(f"level: {level!r} is the top level; plant the signal in a lower one")
   z = np.random.default_rng(seed).random(table.num_samples)
