@@ -35,9 +35,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import run as pipeline
-from quee_jax import baselines, evaluate, policy, runtime
+from quee_jax import baselines, evaluate, models, policy, runtime
 from quee_jax.collect import padded_batches
-from quee_jax.models import vit
 from quee_jax.table import load_table
 
 FLAGS = flags.FLAGS
@@ -123,7 +122,7 @@ def main(argv):
     budgets = [float(b) for b in FLAGS.budgets]
   except ValueError as e:
     sys.exit(f"error: {e}")
-  bb = vit.backbone(plan.model)
+  bb = models.backbone(plan.model)
   test_x, test_y = splits.test.images[:], np.asarray(splits.test.labels)
   fam = fitted.family
   top = fam.top
@@ -142,7 +141,7 @@ def main(argv):
 
   gating = runtime.gating_from_fitted(fitted, plan.eval.predictor.level)
   runner = runtime.Runner(bb, params, plan.ladder, gating, input_shape=test_x.shape[1:],
-                          max_batch=FLAGS.max_batch)
+                          input_dtype=test_x.dtype, max_batch=FLAGS.max_batch)
   t0 = time.time()
   lat = runtime.latency_costs(runner, reps=FLAGS.reps)
   print(f"latency cost model measured in {time.time() - t0:.0f} s")
@@ -151,8 +150,8 @@ def main(argv):
   print("block time per sample (us): " + ", ".join(f"{n} {v:.2f}" for n, v in block_us.items())
         + "; relative to " + names[top] + ": "
         + ", ".join(f"{n} {v / block_us[names[top]]:.2f}x" for n, v in block_us.items()))
-  models = {"bops": runner, "latency": runner.with_costs(lat)}
-  fits = {"bops": fitted, "latency": dataclasses.replace(fitted, family=models["latency"].family)}
+  runners = {"bops": runner, "latency": runner.with_costs(lat)}
+  fits = {"bops": fitted, "latency": dataclasses.replace(fitted, family=runners["latency"].family)}
 
   rng = np.random.default_rng(0)
   cases = []  # (cost model, label, per-sample λ)
@@ -173,7 +172,7 @@ def main(argv):
   print(f"\n| cost model | λ | img/s | vs full | test acc | acc drop | counted cost | mismatches |")
   print("|---|---|---|---|---|---|---|---|")
   for name, label, lam in cases:
-    r = models[name]
+    r = runners[name]
     out = r.classify(test_x, lam)
     secs = median_seconds(lambda: r.classify(test_x, lam), FLAGS.reps)
     state, pred = simulated(fits[name], tables["test"], lam)

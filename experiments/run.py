@@ -5,7 +5,8 @@ r"""The pipeline: backbone -> exit heads -> state tables -> QuEE and baselines -
       --stages=tables,evaluate,report --config.eval.seeds=0,1,2
 
 Stages (`--stages`, default all):
-  backbone    train the ViT (or import `init_from` and fine-tune it, or use it as is)
+  backbone    train the ViT (or import `init_from` and fine-tune it, or use it as is);
+              a BERT (model.arch 'bert') is always the pretrained `init_from`, frozen
   exit_heads  train every exit head on the frozen backbone; accuracy.json
   tables      state tables of the fit, cal and test splits
   evaluate    targets, predictors, policies, baselines and oracles -> results.json
@@ -35,7 +36,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import quee_jax as q
-from quee_jax import data, evaluate, plotting, predictor, report, train, vit_import
+from quee_jax import data, evaluate, models, plotting, predictor, report, train, vit_import
+from quee_jax.models import bert, bert_import
 from quee_jax.precision import Ladder, Level
 
 STAGES = ("backbone", "exit_heads", "tables", "evaluate", "report")
@@ -46,7 +48,7 @@ COST_UNITS = ("bops", "macs")
 class Plan:
   """The config, checked and turned into the library's typed settings."""
 
-  model: q.vit.ViTConfig
+  model: models.ModelConfig
   ladder: Ladder
   backbone: train.TrainConfig | None  # None: the init_from checkpoint as it is
   exit_heads: train.TrainConfig
@@ -71,7 +73,13 @@ def make_plan(c: ml_collections.ConfigDict, stages=STAGES) -> Plan:
   if c.dataset not in data.DATASETS:
     raise ValueError(f"--config.dataset: unknown {c.dataset!r}; expected one of {sorted(data.DATASETS)}")
   _checked("splits", data.check_sizes, c.splits.to_dict())
-  model = _checked("model", q.vit.ViTConfig, **c.model)
+  model = _checked("model", models.make_config, c.model.to_dict())
+  is_bert = isinstance(model, bert.BertConfig)
+  kind = data.DATASETS[c.dataset].kind
+  if kind != ("text" if is_bert else "image"):
+    raise ValueError(f"--config.dataset: {c.dataset!r} is a {kind} dataset, the model"
+                     f" (arch {'bert' if is_bert else 'vit'}) reads "
+                     + ("text" if is_bert else "images"))
   ladder = _checked("ladder", q.parse_ladder, c.ladder)
   if c.family not in q.FAMILIES:
     raise ValueError(f"--config.family: unknown {c.family!r}; expected one of {sorted(q.FAMILIES)}")
@@ -80,7 +88,14 @@ def make_plan(c: ml_collections.ConfigDict, stages=STAGES) -> Plan:
   if c.init_from is None:  # common.require_checkpoint
     raise ValueError("--config.init_from: this config fine-tunes or evaluates a pretrained ViT;"
                      " give the path of its big_vision / vit_jax .npz checkpoint")
-  if c.init_from and not os.path.exists(c.init_from):
+  if is_bert:  # post-training only: a pretrained encoder, frozen
+    if c.init_from != bert_import.MINILM and not os.path.isdir(c.init_from or ""):
+      raise ValueError(f"--config.init_from: a BERT needs its pretrained weights:"
+                       f" {bert_import.MINILM!r} or a Hugging Face model directory,"
+                       f" got {c.init_from!r}")
+    if c.backbone.epochs != 0:
+      raise ValueError("--config.backbone.epochs: a BERT encoder is used frozen; expected 0")
+  elif c.init_from and not os.path.exists(c.init_from):
     raise ValueError(f"--config.init_from: no checkpoint at {c.init_from!r}")
   if c.backbone.epochs == 0:
     if not c.init_from:
@@ -165,7 +180,9 @@ def trained_params(c: ml_collections.ConfigDict, plan: Plan, splits: data.Splits
   st = stamps(c)
   t0 = time.time()
   p = None
-  if c.init_from:
+  if isinstance(plan.model, bert.BertConfig):
+    p = bert_import.load_pretrained(c.init_from, plan.model, jax.random.key(c.seed))
+  elif c.init_from:
     p = vit_import.import_big_vision(c.init_from, plan.model, jax.random.key(c.seed),
                                      load_head=c.init_head)
   if plan.backbone is not None:
@@ -182,9 +199,14 @@ def trained_params(c: ml_collections.ConfigDict, plan: Plan, splits: data.Splits
 
 
 def load_splits(c: ml_collections.ConfigDict, plan: Plan) -> data.Splits:
-  splits = data.load_splits(c.dataset, dict(c.splits), seed=c.seed, image_size=plan.model.image_size,
+  m = plan.model
+  if isinstance(m, bert.BertConfig):  # texts, tokenized as the encoder was trained
+    tokenizer = bert_import.pretrained_tokenizer(c.init_from, m.seq_len)
+    return data.load_splits(c.dataset, dict(c.splits), seed=c.seed, source=c.source,
+                            data_dir=c.data_dir or None, tokenizer=tokenizer.encode)
+  splits = data.load_splits(c.dataset, dict(c.splits), seed=c.seed, image_size=m.image_size,
                             source=c.source, data_dir=c.data_dir or None)
-  _checked("model", data.check_model_input, splits.train, plan.model.image_size, plan.model.channels)
+  _checked("model", data.check_model_input, splits.train, m.image_size, m.channels)
   return splits
 
 
@@ -224,7 +246,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, stages=STAGES) -> dict[str, 
     with open(acc_path) as f:
       _print_accuracy(json.load(f)["test_accuracy"], model.exits, splits.sizes()["test"])
 
-  bb = q.vit.backbone(model)
+  bb = models.backbone(model)
   names = q.precision.ladder_names(plan.ladder)
   tables = {}
   if {"tables", "evaluate"} & set(plan.stages):

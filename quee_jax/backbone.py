@@ -7,7 +7,7 @@ linen model wrapped in three functions becomes adaptive without edits here.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 
@@ -33,6 +33,10 @@ class Backbone(NamedTuple):
     summary: optional `summary(params, e, h) -> [..., D]`: a vector per sample
       describing the hidden state at exit e (the ViT's normalized class token);
       tables keep a low-dimensional projection of it as predictor input.
+    check_inputs: optional `check_inputs(inputs)` on host arrays, raising
+      ValueError on what the model cannot read (e.g. token ids beyond the
+      vocabulary, which a gather would silently clamp); the runtime calls it
+      before any compute.
   """
 
   num_blocks: int
@@ -43,6 +47,7 @@ class Backbone(NamedTuple):
   exit_head: Callable[[Params, int, jax.Array], jax.Array]
   config: dict
   summary: Callable[[Params, int, jax.Array], jax.Array] | None = None
+  check_inputs: Callable[[Any], None] | None = None
 
 
 def validate_exits(exits: tuple[int, ...], num_blocks: int, arg: str = "exits"
@@ -58,3 +63,18 @@ def validate_exits(exits: tuple[int, ...], num_blocks: int, arg: str = "exits"
         f"{arg}: positions must lie in [1, {num_blocks}] and end with the last"
         f" block {num_blocks}, got {exits}")
   return exits
+
+
+def exit_logits(backbone: Backbone, params: Params, inputs: jax.Array,
+                levels: Sequence[Level]) -> jax.Array:
+  """Every exit's logits [num_exits, batch, classes] with block i at levels[i]."""
+  if len(levels) != backbone.num_blocks:
+    raise ValueError(f"levels: expected one level per block ({backbone.num_blocks}),"
+                     f" got {len(levels)}")
+  h = backbone.embed(params, inputs)
+  logits = []
+  for i, level in enumerate(levels):
+    h = backbone.block(params, i, h, level)
+    if i + 1 in backbone.exits:
+      logits.append(backbone.exit_head(params, backbone.exits.index(i + 1), h))
+  return jax.numpy.stack(logits)

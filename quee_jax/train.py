@@ -26,9 +26,10 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from quee_jax import precision
+from quee_jax import models, precision
+from quee_jax.backbone import exit_logits
 from quee_jax.data import Split
-from quee_jax.models import vit
+from quee_jax.models import ModelConfig, vit
 from quee_jax.precision import FLOAT, Level
 
 Params = Any
@@ -243,35 +244,38 @@ def train_backbone(cfg: vit.ViTConfig, split: Split, tc: TrainConfig, workdir: s
   return _merge_last_head(trained, frozen_heads)
 
 
-def exit_features(params: Params, images: jax.Array, cfg: vit.ViTConfig,
+def exit_features(params: Params, inputs: jax.Array, cfg: ModelConfig,
                   level: Level = FLOAT) -> list[jax.Array]:
   """Hidden states at every exit, from one forward at `level`, without gradients."""
-  h = vit.embed(params, images, cfg)
+  bb = models.backbone(cfg)
+  h = bb.embed(params, inputs)
   feats = []
-  for i in range(cfg.depth):
-    h = vit.block(params, i, h, level, cfg)
-    if i + 1 in cfg.exits:
+  for i in range(bb.num_blocks):
+    h = bb.block(params, i, h, level)
+    if i + 1 in bb.exits:
       feats.append(jax.lax.stop_gradient(h))
   return feats
 
 
-def train_exit_heads(cfg: vit.ViTConfig, params: Params, split: Split, tc: TrainConfig,
+def train_exit_heads(cfg: ModelConfig, params: Params, split: Split, tc: TrainConfig,
                      workdir: str, *, level: Level | str = FLOAT,
                      eval_split: Split | None = None,
                      on_step: Callable[[int, dict], None] | None = None) -> Params:
   """Trains every exit head at once on the frozen backbone's features at `level`.
 
-  Each head starts from its current value (the final head from the backbone's).
-  The loss is the mean over exits; the backbone's parameters are not changed.
+  Works for any model config (ViT, BERT). Each head starts from its current
+  value (the final head from the backbone's). The loss is the mean over exits;
+  the backbone's parameters are not changed.
   """
   level = precision.parse_level(level)
+  bb = models.backbone(cfg)
   frozen = {k: v for k, v in params.items() if k != "heads"}
 
-  def loss_fn(heads, backbone, images, labels, key):
+  def loss_fn(heads, backbone, inputs, labels, key):
     del key
-    feats = exit_features(backbone, images, cfg, level)
-    logits = jnp.stack([vit.exit_head({"heads": heads}, e, h, cfg) for e, h in enumerate(feats)])
-    targets = jax.nn.one_hot(labels, cfg.num_classes)[None]  # the same for every exit
+    feats = exit_features(backbone, inputs, cfg, level)
+    logits = jnp.stack([bb.exit_head({"heads": heads}, e, h) for e, h in enumerate(feats)])
+    targets = jax.nn.one_hot(labels, bb.num_classes)[None]  # the same for every exit
     loss = cross_entropy(logits, targets, tc.label_smoothing).mean()
     return loss, (jnp.argmax(logits[-1], -1) == labels).mean()
 
@@ -285,16 +289,17 @@ def train_exit_heads(cfg: vit.ViTConfig, params: Params, split: Split, tc: Train
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
-def _exit_predictions(params: Params, images: jax.Array, cfg: vit.ViTConfig, levels) -> jax.Array:
+def _exit_predictions(params: Params, inputs: jax.Array, cfg: ModelConfig, levels) -> jax.Array:
   # Module-level and keyed on (cfg, levels), so per-epoch evaluations compile once.
-  return jnp.argmax(vit.forward(params, images, cfg, levels)[0], -1)
+  return jnp.argmax(exit_logits(models.backbone(cfg), params, inputs, levels), -1)
 
 
-def evaluate_exits(cfg: vit.ViTConfig, params: Params, split: Split,
+def evaluate_exits(cfg: ModelConfig, params: Params, split: Split,
                    levels: Level | str | list = FLOAT, batch_size: int = 500) -> np.ndarray:
   """Accuracy of every exit on `split` with blocks at `levels` (one level or one per block)."""
-  levels = (precision.parse_level(levels) if isinstance(levels, (Level, str))
-            else tuple(precision.parse_level(q) for q in levels))
+  if isinstance(levels, (Level, str)):
+    levels = (precision.parse_level(levels),) * cfg.depth
+  levels = tuple(precision.parse_level(q) for q in levels)
   correct, n = np.zeros(len(cfg.exits)), 0
   for batch in split.batches(batch_size):
     pred = np.asarray(_exit_predictions(params, batch.images, cfg, levels))
@@ -303,7 +308,7 @@ def evaluate_exits(cfg: vit.ViTConfig, params: Params, split: Split,
   return correct / n
 
 
-def accuracy_table(cfg: vit.ViTConfig, params: Params, split: Split,
+def accuracy_table(cfg: ModelConfig, params: Params, split: Split,
                    ladder: precision.Ladder) -> dict[str, list[float]]:
   """{level name: accuracy of every exit} with all blocks at that level."""
   return {level.name: evaluate_exits(cfg, params, split, level).tolist() for level in ladder}

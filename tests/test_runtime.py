@@ -18,11 +18,11 @@ CFG = evaluate.EvalConfig(seeds=(0,), min_cluster=20, max_clusters=8, variants=(
                           predictor=predictor.PredictorConfig(epochs=8, batch_size=64))
 
 
-def make_fitted(tiny, ladder="float,w4a4", n=(400, 200, 200)):
-  """Tables of a random tiny ViT on random images, and QuEE fitted on them."""
+def make_fitted(tiny, ladder="float,w4a4", n=(400, 200, 200), inputs=images):
+  """Tables of a random tiny model on random inputs (`inputs(n, seed=)`), QuEE fitted on them."""
   cfg, params, bb = tiny
-  fam = family(bb, params, ladder)
-  x = {k: images(m, seed=i) for i, (k, m) in enumerate(zip(("fit", "cal", "test"), n))}
+  fam = family(bb, params, ladder, inputs=inputs(1))
+  x = {k: inputs(m, seed=i) for i, (k, m) in enumerate(zip(("fit", "cal", "test"), n))}
   tables = {}
   for i, k in enumerate(x):
     t = q.collect_table(bb, params, fam, x[k], labels(len(x[k]), seed=10 + i), batch_size=100,

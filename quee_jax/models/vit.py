@@ -26,10 +26,11 @@ import numpy as np
 
 from quee_jax import precision
 from quee_jax.backbone import Backbone, validate_exits
+from quee_jax.models.layers import (attention, check_positive_ints, head_logits, head_summary,
+                                    layer_norm, ln_init, multi_exit_backbone)
 from quee_jax.precision import FLOAT, Level
 
 Params = dict[str, Any]
-LN_EPS = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +50,8 @@ class ViTConfig:
   posemb: str = "learn"  # 'learn' or 'sincos2d' (fixed)
 
   def __post_init__(self):
-    for name in ("image_size", "channels", "patch", "dim", "depth", "heads",
-                 "mlp_dim", "num_classes"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"ViTConfig.{name}: expected a positive int, got {value!r}")
+    check_positive_ints(self, ("image_size", "channels", "patch", "dim", "depth", "heads",
+                               "mlp_dim", "num_classes"))
     if self.image_size % self.patch:
       raise ValueError(
           f"ViTConfig.patch: must divide image_size {self.image_size}, got {self.patch}")
@@ -87,10 +85,6 @@ def _dense_init(key, fan_in, fan_out):
           "bias": jnp.zeros((fan_out,), jnp.float32)}
 
 
-def _ln_init(dim):
-  return {"scale": jnp.ones((dim,), jnp.float32), "bias": jnp.zeros((dim,), jnp.float32)}
-
-
 def init(key: jax.Array, cfg: ViTConfig) -> Params:
   """Random parameters for `cfg`."""
   k_embed, k_pos, k_blocks, k_heads = jax.random.split(key, 4)
@@ -98,11 +92,11 @@ def init(key: jax.Array, cfg: ViTConfig) -> Params:
   blocks = []
   for k in jax.random.split(k_blocks, cfg.depth):
     kq, ko, k1, k2 = jax.random.split(k, 4)
-    blocks.append({"ln1": _ln_init(d), "qkv": _dense_init(kq, d, 3 * d),
-                   "out": _dense_init(ko, d, d), "ln2": _ln_init(d),
+    blocks.append({"ln1": ln_init(d), "qkv": _dense_init(kq, d, 3 * d),
+                   "out": _dense_init(ko, d, d), "ln2": ln_init(d),
                    "mlp1": _dense_init(k1, d, cfg.mlp_dim),
                    "mlp2": _dense_init(k2, cfg.mlp_dim, d)})
-  heads = [{"norm": _ln_init(d), "dense": _dense_init(k, d, cfg.num_classes)}
+  heads = [{"norm": ln_init(d), "dense": _dense_init(k, d, cfg.num_classes)}
            for k in jax.random.split(k_heads, len(cfg.exits))]
   params = {
       "embedding": _dense_init(k_embed, cfg.patch * cfg.patch * cfg.channels, d),
@@ -123,12 +117,6 @@ def sincos_2d(side: int, dim: int, temperature: float = 10_000.0) -> jax.Array:
   x = x.reshape(-1, 1) * freqs
   y = y.reshape(-1, 1) * freqs
   return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
-
-
-def layer_norm(x: jax.Array, p: Params) -> jax.Array:
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + LN_EPS) * p["scale"] + p["bias"]
 
 
 def patchify(images: jax.Array, patch: int) -> jax.Array:
@@ -166,19 +154,6 @@ def embed(params: Params, images: jax.Array, cfg: ViTConfig) -> jax.Array:
   return x + pos
 
 
-def attention(p: Params, x: jax.Array, cfg: ViTConfig, level: Level) -> jax.Array:
-  qkv = precision.dense(x, p["qkv"]["kernel"], p["qkv"]["bias"], level)
-  head_dim = cfg.dim // cfg.heads
-  q, k, v = (t.reshape(*t.shape[:-1], cfg.heads, head_dim)
-             for t in jnp.split(qkv, 3, axis=-1))
-  q = q * (head_dim ** -0.5)
-  scores = precision.einsum("...qhd,...khd->...hqk", q, k, level, both_activations=True)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = precision.einsum("...hqk,...khd->...qhd", probs, v, level, both_activations=True)
-  out = out.reshape(*out.shape[:-2], cfg.dim)
-  return precision.dense(out, p["out"]["kernel"], p["out"]["bias"], level)
-
-
 def _drop_path(y: jax.Array, key: jax.Array, rate: float) -> jax.Array:
   """Stochastic depth: zero a residual branch per sample with probability rate."""
   keep = jax.random.bernoulli(key, 1.0 - rate, y.shape[:-2] + (1, 1))
@@ -192,7 +167,7 @@ def block(params: Params, i: int, h: jax.Array, level: Level, cfg: ViTConfig,
   drop_path: (key, rate) for stochastic depth while training; None at inference.
   """
   p = params["blocks"][i]
-  y = attention(p, layer_norm(h, p["ln1"]), cfg, level)
+  y = attention(p, layer_norm(h, p["ln1"]), cfg.heads, level)
   if drop_path is not None:
     y = _drop_path(y, jax.random.fold_in(drop_path[0], 0), drop_path[1])
   h = h + y
@@ -210,13 +185,12 @@ def pool(h: jax.Array, cfg: ViTConfig) -> jax.Array:
 
 def exit_summary(params: Params, e: int, h: jax.Array, cfg: ViTConfig) -> jax.Array:
   """The pooled tokens as exit e's head sees them (after its LayerNorm)."""
-  return layer_norm(pool(h, cfg), params["heads"][e]["norm"])
+  return head_summary(params, e, pool(h, cfg))
 
 
 def exit_head(params: Params, e: int, h: jax.Array, cfg: ViTConfig) -> jax.Array:
   """Exit e (index into cfg.exits): LayerNorm + Dense on the pooled tokens, float."""
-  p = params["heads"][e]["dense"]
-  return precision.dense(exit_summary(params, e, h, cfg), p["kernel"], p["bias"], FLOAT)
+  return head_logits(params, e, pool(h, cfg))
 
 
 def _block_levels(levels: Level | str | Sequence[Level | str], depth: int) -> list[Level]:
@@ -257,13 +231,4 @@ def forward(params: Params, images: jax.Array, cfg: ViTConfig,
 
 def backbone(cfg: ViTConfig) -> Backbone:
   """The ViT behind the backbone interface the QuEE core uses."""
-  return Backbone(
-      num_blocks=cfg.depth,
-      exits=cfg.exits,
-      num_classes=cfg.num_classes,
-      embed=lambda params, images: embed(params, images, cfg),
-      block=lambda params, i, h, level: block(params, i, h, level, cfg),
-      exit_head=lambda params, e, h: exit_head(params, e, h, cfg),
-      config=cfg.to_dict(),
-      summary=lambda params, e, h: exit_summary(params, e, h, cfg),
-  )
+  return multi_exit_backbone(cfg, embed=embed, block=block, pool=pool, check_inputs=check_images)

@@ -1,0 +1,96 @@
+"""What the models share: config checks, LayerNorm, quantized multi-head attention, and
+exit heads on pooled tokens behind the backbone interface.
+
+Every model here ends each exit in the same head: LayerNorm + Dense (float) on a
+pooled vector; the pooled, normalized vector is also the exit's summary the
+predictors see. `multi_exit_backbone` wires a model's embed / block / pool into
+`quee_jax.backbone.Backbone` that way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from quee_jax import precision
+from quee_jax.backbone import Backbone
+from quee_jax.precision import FLOAT, Level
+
+Params = dict[str, Any]
+HEAD_LN_EPS = 1e-6
+MASK_LOGIT = -1e9  # added to the attention logits of padding keys
+
+
+def check_positive_ints(cfg, names: tuple[str, ...]) -> None:
+  """Raises ValueError naming the first field of cfg in names that is not a positive int."""
+  for name in names:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{type(cfg).__name__}.{name}: expected a positive int, got {value!r}")
+
+
+def ln_init(dim: int) -> Params:
+  return {"scale": jnp.ones((dim,), jnp.float32), "bias": jnp.zeros((dim,), jnp.float32)}
+
+
+def layer_norm(x: jax.Array, p: Params, eps: float = HEAD_LN_EPS) -> jax.Array:
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def attention(p: Params, x: jax.Array, heads: int, level: Level,
+              mask: jax.Array | None = None) -> jax.Array:
+  """Multi-head self-attention, every matmul at `level` (QK^T and AV quantize both sides).
+
+  p: {qkv {kernel [D, 3D], bias}, out {kernel [D, D], bias}}; x [..., T, D];
+  mask [..., T]: 1 on real tokens, 0 on padding (None: every token is real).
+  """
+  dim = x.shape[-1]
+  qkv = precision.dense(x, p["qkv"]["kernel"], p["qkv"]["bias"], level)
+  head_dim = dim // heads
+  q, k, v = (t.reshape(*t.shape[:-1], heads, head_dim) for t in jnp.split(qkv, 3, axis=-1))
+  q = q * (head_dim ** -0.5)
+  if mask is not None:
+    # Zero values at padding: the AV product's activation scale is taken along the keys,
+    # so padding would otherwise set part of a real token's quantization scale.
+    v = v * mask[..., :, None, None]
+  scores = precision.einsum("...qhd,...khd->...hqk", q, k, level, both_activations=True)
+  if mask is not None:
+    scores = scores + ((1.0 - mask) * MASK_LOGIT)[..., None, None, :]
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = precision.einsum("...hqk,...khd->...qhd", probs, v, level, both_activations=True)
+  out = out.reshape(*out.shape[:-2], dim)
+  return precision.dense(out, p["out"]["kernel"], p["out"]["bias"], level)
+
+
+def head_summary(params: Params, e: int, pooled: jax.Array) -> jax.Array:
+  """Exit e's pooled vector after its head's LayerNorm."""
+  return layer_norm(pooled, params["heads"][e]["norm"])
+
+
+def head_logits(params: Params, e: int, pooled: jax.Array) -> jax.Array:
+  """Exit e's logits: LayerNorm + Dense on the pooled vector, float."""
+  p = params["heads"][e]["dense"]
+  return precision.dense(head_summary(params, e, pooled), p["kernel"], p["bias"], FLOAT)
+
+
+def multi_exit_backbone(cfg, *, embed: Callable, block: Callable, pool: Callable,
+                        check_inputs: Callable) -> Backbone:
+  """The Backbone of a model whose functions take `cfg` last; heads on `pool(h, cfg)`.
+
+  cfg needs depth, exits, num_classes and to_dict().
+  """
+  return Backbone(
+      num_blocks=cfg.depth,
+      exits=cfg.exits,
+      num_classes=cfg.num_classes,
+      embed=lambda params, x: embed(params, x, cfg),
+      block=lambda params, i, h, level: block(params, i, h, level, cfg),
+      exit_head=lambda params, e, h: head_logits(params, e, pool(h, cfg)),
+      config=cfg.to_dict(),
+      summary=lambda params, e, h: head_summary(params, e, pool(h, cfg)),
+      check_inputs=lambda x: check_inputs(x, cfg),
+  )
