@@ -75,11 +75,15 @@ def make_plan(c: ml_collections.ConfigDict, stages=STAGES) -> Plan:
   _checked("splits", data.check_sizes, c.splits.to_dict())
   model = _checked("model", models.make_config, c.model.to_dict())
   is_bert = isinstance(model, bert.BertConfig)
-  kind = data.DATASETS[c.dataset].kind
+  kind, classes = data.DATASETS[c.dataset].kind, data.DATASETS[c.dataset].num_classes
   if kind != ("text" if is_bert else "image"):
-    raise ValueError(f"--config.dataset: {c.dataset!r} is a {kind} dataset, the model"
+    article = "a text" if kind == "text" else "an image"
+    raise ValueError(f"--config.dataset: {c.dataset!r} is {article} dataset, the model"
                      f" (arch {'bert' if is_bert else 'vit'}) reads "
                      + ("text" if is_bert else "images"))
+  if model.num_classes != classes:  # labels beyond the heads would train and score silently wrong
+    raise ValueError(f"--config.model.num_classes: {c.dataset} has {classes} classes,"
+                     f" got {model.num_classes}")
   ladder = _checked("ladder", q.parse_ladder, c.ladder)
   if c.family not in q.FAMILIES:
     raise ValueError(f"--config.family: unknown {c.family!r}; expected one of {sorted(q.FAMILIES)}")

@@ -68,7 +68,7 @@ def tiny_bert_dir(path):
 def test_bert_config_checks(tmp_path):
   c = get_config("sentiment_minilm")
   c.dataset = "cifar10"
-  with pytest.raises(ValueError, match="'cifar10' is a image dataset, the model .arch bert. reads text"):
+  with pytest.raises(ValueError, match="'cifar10' is an image dataset, the model .arch bert. reads text"):
     run_lib.make_plan(c)
   c = get_config("sentiment_minilm")
   c.init_from = str(tmp_path / "nowhere")
@@ -77,6 +77,10 @@ def test_bert_config_checks(tmp_path):
   c = get_config("sentiment_minilm")
   c.backbone.epochs = 2
   with pytest.raises(ValueError, match="--config.backbone.epochs: a BERT encoder is used frozen"):
+    run_lib.make_plan(c)
+  c = get_config("sentiment_minilm", "tweets")
+  c.model.num_classes = 2
+  with pytest.raises(ValueError, match="--config.model.num_classes: tweets_sentiment has 3 classes"):
     run_lib.make_plan(c)
   c = get_config("fashion_mnist", "demo")
   c.model.arch = "resnet"
