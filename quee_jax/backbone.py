@@ -65,16 +65,23 @@ def validate_exits(exits: tuple[int, ...], num_blocks: int, arg: str = "exits"
   return exits
 
 
-def exit_logits(backbone: Backbone, params: Params, inputs: jax.Array,
-                levels: Sequence[Level]) -> jax.Array:
-  """Every exit's logits [num_exits, batch, classes] with block i at levels[i]."""
+def exit_states(backbone: Backbone, params: Params, inputs: jax.Array,
+                levels: Sequence[Level]) -> list[jax.Array]:
+  """The hidden state at every exit, from one forward with block i at levels[i]."""
   if len(levels) != backbone.num_blocks:
     raise ValueError(f"levels: expected one level per block ({backbone.num_blocks}),"
                      f" got {len(levels)}")
   h = backbone.embed(params, inputs)
-  logits = []
+  states = []
   for i, level in enumerate(levels):
     h = backbone.block(params, i, h, level)
     if i + 1 in backbone.exits:
-      logits.append(backbone.exit_head(params, backbone.exits.index(i + 1), h))
-  return jax.numpy.stack(logits)
+      states.append(h)
+  return states
+
+
+def exit_logits(backbone: Backbone, params: Params, inputs: jax.Array,
+                levels: Sequence[Level]) -> jax.Array:
+  """Every exit's logits [num_exits, batch, classes] with block i at levels[i]."""
+  states = exit_states(backbone, params, inputs, levels)
+  return jax.numpy.stack([backbone.exit_head(params, e, h) for e, h in enumerate(states)])

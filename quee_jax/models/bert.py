@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from quee_jax import precision
-from quee_jax.backbone import Backbone, validate_exits
-from quee_jax.models.layers import (attention, check_positive_ints, layer_norm, ln_init,
+from quee_jax.backbone import Backbone
+from quee_jax.models import layers
+from quee_jax.models.layers import (attention, check_transformer_config, layer_norm, ln_init,
                                     multi_exit_backbone)
 from quee_jax.precision import FLOAT, Level
 
@@ -64,19 +65,13 @@ class BertConfig:
   ln_eps: float = 1e-12
 
   def __post_init__(self):
-    check_positive_ints(self, ("vocab_size", "seq_len", "dim", "depth", "heads", "mlp_dim",
-                               "max_positions", "type_vocab_size", "num_classes"))
-    if self.dim % self.heads:
-      raise ValueError(f"BertConfig.heads: must divide dim {self.dim}, got {self.heads}")
+    check_transformer_config(self, ("vocab_size", "seq_len", "dim", "depth", "heads", "mlp_dim",
+                                    "max_positions", "type_vocab_size", "num_classes"))
     if not 2 <= self.seq_len <= self.max_positions:
       raise ValueError(f"BertConfig.seq_len: expected 2..{self.max_positions} ([CLS] and [SEP]"
                        f" included), got {self.seq_len}")
-    if self.num_classes < 2:
-      raise ValueError(f"BertConfig.num_classes: expected >= 2, got {self.num_classes}")
     if self.pool not in ("mean", "cls"):
       raise ValueError(f"BertConfig.pool: expected 'mean' or 'cls', got {self.pool!r}")
-    exits = tuple(range(1, self.depth + 1)) if self.exits is None else tuple(self.exits)
-    object.__setattr__(self, "exits", validate_exits(exits, self.depth, "BertConfig.exits"))
 
   def to_dict(self) -> dict:
     return {"model": "bert", **dataclasses.asdict(self), "exits": list(self.exits)}
@@ -90,8 +85,7 @@ def _dense_init(key, fan_in, fan_out, std=0.02):
 
 def init_heads(key: jax.Array, cfg: BertConfig) -> list[Params]:
   """Fresh exit heads (LayerNorm + Dense) for every exit of cfg."""
-  return [{"norm": ln_init(cfg.dim), "dense": _dense_init(k, cfg.dim, cfg.num_classes)}
-          for k in jax.random.split(key, len(cfg.exits))]
+  return layers.init_heads(key, len(cfg.exits), cfg.dim, cfg.num_classes, _dense_init)
 
 
 def init(key: jax.Array, cfg: BertConfig) -> Params:
@@ -99,18 +93,12 @@ def init(key: jax.Array, cfg: BertConfig) -> Params:
   k_emb, k_blocks, k_heads = jax.random.split(key, 3)
   kw, kp, kt = jax.random.split(k_emb, 3)
   d = cfg.dim
-  blocks = []
-  for k in jax.random.split(k_blocks, cfg.depth):
-    kq, ko, k1, k2 = jax.random.split(k, 4)
-    blocks.append({"qkv": _dense_init(kq, d, 3 * d), "out": _dense_init(ko, d, d),
-                   "ln1": ln_init(d), "mlp1": _dense_init(k1, d, cfg.mlp_dim),
-                   "mlp2": _dense_init(k2, cfg.mlp_dim, d), "ln2": ln_init(d)})
   return {
       "embeddings": {"word": 0.02 * jax.random.normal(kw, (cfg.vocab_size, d), jnp.float32),
                      "position": 0.02 * jax.random.normal(kp, (cfg.max_positions, d), jnp.float32),
                      "type": 0.02 * jax.random.normal(kt, (cfg.type_vocab_size, d), jnp.float32),
                      "norm": ln_init(d)},
-      "blocks": blocks,
+      "blocks": layers.init_blocks(k_blocks, cfg.depth, d, cfg.mlp_dim, _dense_init),
       "heads": init_heads(k_heads, cfg),
   }
 
@@ -154,13 +142,15 @@ def block(params: Params, i: int, h: jax.Array, level: Level, cfg: BertConfig) -
   return jnp.concatenate([x, mask[..., None]], axis=-1)
 
 
-def pool(h: jax.Array, cfg: BertConfig) -> jax.Array:
-  """Hidden states [..., T, D + 1] -> [..., D]: mean of the real tokens, or [CLS]."""
+def _mean_of_real_tokens(h: jax.Array) -> jax.Array:
   x, mask = _split(h)
-  if cfg.pool == "cls":
-    return x[..., 0, :]
   total = jnp.sum(x * mask[..., None], axis=-2)
   return total / jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0)
+
+
+def pool(h: jax.Array, cfg: BertConfig) -> jax.Array:
+  """Hidden states [..., T, D + 1] -> [..., D]: mean of the real tokens, or [CLS]."""
+  return h[..., 0, :-1] if cfg.pool == "cls" else _mean_of_real_tokens(h)
 
 
 def sentence_embedding(params: Params, ids: jax.Array, cfg: BertConfig,
@@ -170,9 +160,7 @@ def sentence_embedding(params: Params, ids: jax.Array, cfg: BertConfig,
   h = embed(params, ids, cfg)
   for i in range(cfg.depth):
     h = block(params, i, h, level, cfg)
-  x, mask = _split(h)
-  pooled = jnp.sum(x * mask[..., None], axis=-2) / jnp.maximum(
-      jnp.sum(mask, axis=-1, keepdims=True), 1.0)
+  pooled = _mean_of_real_tokens(h)
   return pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True)
 
 

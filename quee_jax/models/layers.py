@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from quee_jax import precision
-from quee_jax.backbone import Backbone
+from quee_jax.backbone import Backbone, validate_exits
 from quee_jax.precision import FLOAT, Level
 
 Params = dict[str, Any]
@@ -23,16 +23,46 @@ HEAD_LN_EPS = 1e-6
 MASK_LOGIT = -1e9  # added to the attention logits of padding keys
 
 
-def check_positive_ints(cfg, names: tuple[str, ...]) -> None:
-  """Raises ValueError naming the first field of cfg in names that is not a positive int."""
-  for name in names:
-    value = getattr(cfg, name)
+def check_transformer_config(cfg, positive_ints: tuple[str, ...]) -> None:
+  """The checks every transformer config shares; fills in cfg.exits (default: every block).
+
+  Raises ValueError naming the field: one of `positive_ints` not a positive int,
+  heads not dividing dim, fewer than 2 classes, or bad exits.
+  """
+  name = type(cfg).__name__
+  for field in positive_ints:
+    value = getattr(cfg, field)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"{type(cfg).__name__}.{name}: expected a positive int, got {value!r}")
+      raise ValueError(f"{name}.{field}: expected a positive int, got {value!r}")
+  if cfg.dim % cfg.heads:
+    raise ValueError(f"{name}.heads: must divide dim {cfg.dim}, got {cfg.heads}")
+  if cfg.num_classes < 2:
+    raise ValueError(f"{name}.num_classes: expected >= 2, got {cfg.num_classes}")
+  exits = tuple(range(1, cfg.depth + 1)) if cfg.exits is None else tuple(cfg.exits)
+  object.__setattr__(cfg, "exits", validate_exits(exits, cfg.depth, f"{name}.exits"))
 
 
 def ln_init(dim: int) -> Params:
   return {"scale": jnp.ones((dim,), jnp.float32), "bias": jnp.zeros((dim,), jnp.float32)}
+
+
+def init_blocks(key: jax.Array, depth: int, dim: int, mlp_dim: int,
+                dense_init: Callable[[jax.Array, int, int], Params]) -> list[Params]:
+  """Fresh transformer blocks {qkv, out, ln1, mlp1, mlp2, ln2}, dense layers from dense_init."""
+  blocks = []
+  for k in jax.random.split(key, depth):
+    kq, ko, k1, k2 = jax.random.split(k, 4)
+    blocks.append({"ln1": ln_init(dim), "qkv": dense_init(kq, dim, 3 * dim),
+                   "out": dense_init(ko, dim, dim), "ln2": ln_init(dim),
+                   "mlp1": dense_init(k1, dim, mlp_dim), "mlp2": dense_init(k2, mlp_dim, dim)})
+  return blocks
+
+
+def init_heads(key: jax.Array, num_exits: int, dim: int, num_classes: int,
+               dense_init: Callable[[jax.Array, int, int], Params]) -> list[Params]:
+  """Fresh exit heads (LayerNorm + Dense), one per exit."""
+  return [{"norm": ln_init(dim), "dense": dense_init(k, dim, num_classes)}
+          for k in jax.random.split(key, num_exits)]
 
 
 def layer_norm(x: jax.Array, p: Params, eps: float = HEAD_LN_EPS) -> jax.Array:

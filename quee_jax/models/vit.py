@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from quee_jax import precision
-from quee_jax.backbone import Backbone, validate_exits
-from quee_jax.models.layers import (attention, check_positive_ints, head_logits, head_summary,
-                                    layer_norm, ln_init, multi_exit_backbone)
+from quee_jax.backbone import Backbone
+from quee_jax.models.layers import (attention, check_transformer_config, head_logits,
+                                    head_summary, init_blocks, init_heads, layer_norm,
+                                    multi_exit_backbone)
 from quee_jax.precision import FLOAT, Level
 
 Params = dict[str, Any]
@@ -50,23 +51,16 @@ class ViTConfig:
   posemb: str = "learn"  # 'learn' or 'sincos2d' (fixed)
 
   def __post_init__(self):
-    check_positive_ints(self, ("image_size", "channels", "patch", "dim", "depth", "heads",
-                               "mlp_dim", "num_classes"))
+    check_transformer_config(self, ("image_size", "channels", "patch", "dim", "depth", "heads",
+                                    "mlp_dim", "num_classes"))
     if self.image_size % self.patch:
       raise ValueError(
           f"ViTConfig.patch: must divide image_size {self.image_size}, got {self.patch}")
-    if self.dim % self.heads:
-      raise ValueError(
-          f"ViTConfig.heads: must divide dim {self.dim}, got {self.heads}")
     for name, allowed in (("pool", ("cls", "gap")), ("posemb", ("learn", "sincos2d"))):
       if getattr(self, name) not in allowed:
         raise ValueError(f"ViTConfig.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
     if self.posemb == "sincos2d" and self.dim % 4:
       raise ValueError(f"ViTConfig.dim: 'sincos2d' needs a multiple of 4, got {self.dim}")
-    if self.num_classes < 2:
-      raise ValueError(f"ViTConfig.num_classes: expected >= 2, got {self.num_classes}")
-    exits = tuple(range(1, self.depth + 1)) if self.exits is None else tuple(self.exits)
-    object.__setattr__(self, "exits", validate_exits(exits, self.depth, "ViTConfig.exits"))
 
   @property
   def num_tokens(self) -> int:
@@ -89,19 +83,10 @@ def init(key: jax.Array, cfg: ViTConfig) -> Params:
   """Random parameters for `cfg`."""
   k_embed, k_pos, k_blocks, k_heads = jax.random.split(key, 4)
   d = cfg.dim
-  blocks = []
-  for k in jax.random.split(k_blocks, cfg.depth):
-    kq, ko, k1, k2 = jax.random.split(k, 4)
-    blocks.append({"ln1": ln_init(d), "qkv": _dense_init(kq, d, 3 * d),
-                   "out": _dense_init(ko, d, d), "ln2": ln_init(d),
-                   "mlp1": _dense_init(k1, d, cfg.mlp_dim),
-                   "mlp2": _dense_init(k2, cfg.mlp_dim, d)})
-  heads = [{"norm": ln_init(d), "dense": _dense_init(k, d, cfg.num_classes)}
-           for k in jax.random.split(k_heads, len(cfg.exits))]
   params = {
       "embedding": _dense_init(k_embed, cfg.patch * cfg.patch * cfg.channels, d),
-      "blocks": blocks,
-      "heads": heads,
+      "blocks": init_blocks(k_blocks, cfg.depth, d, cfg.mlp_dim, _dense_init),
+      "heads": init_heads(k_heads, len(cfg.exits), d, cfg.num_classes, _dense_init),
   }
   if cfg.pool == "cls":
     params["cls"] = jnp.zeros((1, 1, d), jnp.float32)
