@@ -8,9 +8,10 @@ it times, after warm-up, as the median of several repetitions:
   * the full model: every block at the top level, last exit, batched, jitted;
   * the runtime (`quee_jax.runtime.Runner`) at several λ, under two cost
     models: counted BOPs (the evaluation's) and latency (the runner's own
-    programs timed here first, `runtime.latency_costs`). The λ are: 0; the
-    cheapest λ whose cal accuracy is within 0.5 point of the full model's
-    (`--max_drop`); and budget mode's mixes for `--budgets` (BOPs).
+    programs timed here first, `runtime.latency_costs`). The operating points
+    (λ and start level) are: λ = 0; the cheapest whose cal accuracy is within
+    0.5 point of the full model's (`--max_drop`); and budget mode's for
+    `--budgets` (BOPs; `evaluate.budget_point`).
 For each it prints images/s, the ratio to the full model, test accuracy,
 counted cost, and how many samples' exit, level history and prediction differ
 from the simulated policy on the test state table (`policy.simulate`).
@@ -35,7 +36,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import run as pipeline
-from quee_jax import baselines, evaluate, models, policy, runtime
+from quee_jax import baselines, evaluate, models, runtime
 from quee_jax.collect import padded_batches
 from quee_jax.table import load_table
 
@@ -94,20 +95,23 @@ def median_seconds(fn, reps):
   return float(np.median(times))
 
 
-def half_point(fitted, cal, full_acc: float, max_drop: float) -> float:
-  """Cheapest λ on the grid whose accuracy on cal is within max_drop of full_acc."""
-  lams = policy.lambda_grid(fitted.family)
-  res = fitted.simulate(cal, "cal", lams)
+def half_point(fitted, cal, full_acc: float, max_drop: float, num_lambdas: int
+               ) -> tuple[float, int]:
+  """(λ, start level) of the cheapest operating point on the grid whose cal accuracy is
+  within max_drop of full_acc."""
+  res = fitted.sweep(cal, "cal", num_lambdas)
   ok = np.flatnonzero(res.accuracy() >= full_acc - max_drop)
-  return float(lams[ok[np.argmin(res.mean_cost()[ok])]])
+  best = ok[np.argmin(res.mean_cost()[ok])]
+  return float(res.lambdas[best]), int(res.starts[best])
 
 
-def simulated(fitted, test, lam: np.ndarray):
-  """Exit states and predictions of the simulated policy on test for per-sample λ."""
-  values = np.unique(lam)
-  res = fitted.simulate(test, "test", values)
-  row = np.searchsorted(values, lam)
+def simulated(fitted, test, lam: np.ndarray, start: np.ndarray):
+  """Exit states and predictions of the simulated policy on test for per-sample λ and start."""
+  pairs, row = np.unique(np.stack([lam, start.astype(np.float64)], axis=1), axis=0,
+                         return_inverse=True)
+  res = fitted.simulate(test, "test", pairs[:, 0], pairs[:, 1].astype(np.int64))
   cols = np.arange(test.num_samples)
+  row = row.reshape(-1)
   return res.exit_state[row, cols], res.pred[row, cols]
 
 
@@ -154,36 +158,39 @@ def main(argv):
   fits = {"bops": fitted, "latency": dataclasses.replace(fitted, family=runners["latency"].family)}
 
   rng = np.random.default_rng(0)
-  cases = []  # (cost model, label, per-sample λ)
+  n = len(test_y)
+  cases = []  # (cost model, label, per-sample λ, per-sample start level)
   cal_full = float(tables["cal"].restrict(fam).correct[baselines.chain(fam, top)[-1]].mean())
   for name, f in fits.items():
-    lam = half_point(f, tables["cal"], cal_full, FLAGS.max_drop)
+    lam, start = half_point(f, tables["cal"], cal_full, FLAGS.max_drop, plan.eval.num_lambdas)
     if name == "bops":
-      cases.append((name, "λ=0", np.zeros(len(test_y))))
-    cases.append((name, f"half point λ={lam:.3g}", np.full(len(test_y), lam)))
+      cases.append((name, "λ=0", np.zeros(n), np.full(n, top)))
+    cases.append((name, f"half point λ={lam:.3g}", np.full(n, lam),
+                  np.full(n, start)))
     if name == "bops":
       for b in budgets:
-        mix = policy.budget_mix(
-            lambda l: float(f.simulate(tables["cal"], "cal", [l]).mean_cost()[0]), b)
-        coin = rng.random(len(test_y)) < mix.p_rich
-        cases.append((name, f"budget {b:g}", np.where(coin, mix.lam_rich, mix.lam)))
+        point = evaluate.budget_point(f, tables["cal"], b)
+        coin = rng.random(n) < point.mix.p_rich
+        cases.append((name, f"budget {b:g}",
+                      np.where(coin, point.mix.lam_rich, point.mix.lam), np.full(n, point.start)))
 
   rows = []
-  print(f"\n| cost model | λ | img/s | vs full | test acc | acc drop | counted cost | mismatches |")
-  print("|---|---|---|---|---|---|---|---|")
-  for name, label, lam in cases:
+  print(f"\n| cost model | λ | start | img/s | vs full | test acc | acc drop | counted cost | mismatches |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for name, label, lam, start in cases:
     r = runners[name]
-    out = r.classify(test_x, lam)
-    secs = median_seconds(lambda: r.classify(test_x, lam), FLAGS.reps)
-    state, pred = simulated(fits[name], tables["test"], lam)
+    out = r.classify(test_x, lam, start)
+    secs = median_seconds(lambda: r.classify(test_x, lam, start), FLAGS.reps)
+    state, pred = simulated(fits[name], tables["test"], lam, start)
     mism = int(((state != out.exit_state) | (pred != out.pred)).sum())
     acc = float((out.pred == test_y).mean())
     bops_cost = float(fam.cost[out.exit_state].mean())  # counted BOPs, whatever decided
-    row = {"cost_model": name, "lambda": label, "img_per_s": len(test_y) / secs,
+    row = {"cost_model": name, "lambda": label, "start": names[start[0]],
+           "img_per_s": len(test_y) / secs,
            "speedup": full_s / secs, "accuracy": acc, "accuracy_drop": full_acc - acc,
            "bops_cost": bops_cost, "mismatches": mism, "mean_exit_gate": float(out.exit_gate.mean())}
     rows.append(row)
-    print(f"| {name} | {label} | {row['img_per_s']:.0f} | {row['speedup']:.2f}x | {100 * acc:.2f}"
+    print(f"| {name} | {label} | {row['start']} | {row['img_per_s']:.0f} | {row['speedup']:.2f}x | {100 * acc:.2f}"
           f" | {100 * row['accuracy_drop']:.2f} | {bops_cost:.3f} | {mism}/{len(test_y)} |")
 
   halves = [r for r in rows if r["lambda"].startswith("half")]

@@ -174,7 +174,8 @@ def stamps(c: ml_collections.ConfigDict) -> dict:
   tables = _plain({"model": model, "ladder": c.ladder, "family": c.family,
                    "cost_unit": c.cost_unit, "summary_dim": c.collect.summary_dim})
   return {"backbone": backbone, "model": model, "tables": tables,
-          "eval": _plain({"tables": tables, "eval": c.eval.to_dict()})}
+          "eval": _plain({"tables": tables, "eval": c.eval.to_dict(),
+                          "results_version": evaluate.RESULTS_VERSION})}
 
 
 def trained_params(c: ml_collections.ConfigDict, plan: Plan, splits: data.Splits, workdir: str,

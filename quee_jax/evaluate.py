@@ -35,6 +35,11 @@ VARIANTS = {
 }
 
 
+# Saved runs hold results computed by this code: a change to what they contain (e.g. the
+# operating points swept) bumps it, so that `evaluate` recomputes them rather than load them.
+RESULTS_VERSION = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
   seeds: tuple[int, ...] = (0, 1, 2)
@@ -71,10 +76,46 @@ class Fitted:
   predicted: dict  # split -> [S, N, C]
   tau: float       # the policy's soft floor
 
-  def simulate(self, table: StateTable, split: str, lambdas) -> policy.PolicyResult:
-    """The policy on `table` (a table of split `split`, any family with these histories)."""
+  def simulate(self, table: StateTable, split: str, lambdas, starts=None) -> policy.PolicyResult:
+    """The policy on `table` (a table of split `split`, any family with these histories).
+
+    starts: start level per λ (`policy.simulate`); None: the population-error rule.
+    """
     return policy.simulate(table.restrict(self.family), self.predicted[split], self.population_err,
-                           np.asarray(lambdas, np.float64), self.tau)
+                           np.asarray(lambdas, np.float64), tau=self.tau, starts=starts)
+
+  def sweep(self, table: StateTable, split: str, num_lambdas: int) -> policy.PolicyResult:
+    """The accuracy-cost curve's operating points: every start level with every λ."""
+    lambdas, starts = policy.operating_grid(self.family, policy.lambda_grid(self.family, num_lambdas))
+    return self.simulate(table, split, lambdas, starts)
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetPoint:
+  """An operating point chosen on cal for a budget: a start level and a λ mix."""
+
+  start: int             # level index
+  mix: policy.BudgetMix  # the two λ and the probability of the dearer one
+
+
+def budget_point(fitted: Fitted, cal: StateTable, budget: float) -> BudgetPoint:
+  """Per start level the λ mix that spends `budget` on cal (`policy.budget_mix`); the best on cal.
+
+  Start levels whose cheapest operating point already exceeds the budget on cal
+  are passed over unless none reaches it (then the cheapest).
+  """
+  best = None
+  for q in fitted.family.start_levels:
+    mean_cost = lambda l: float(fitted.simulate(cal, "cal", [l], [q]).mean_cost()[0])
+    mix = policy.budget_mix(mean_cost, budget)
+    both = fitted.simulate(cal, "cal", [mix.lam, mix.lam_rich], [q, q])
+    weights = np.array([1 - mix.p_rich, mix.p_rich])
+    cost, acc = float(weights @ both.mean_cost()), float(weights @ both.accuracy())
+    within = cost <= budget * (1 + 1e-9)
+    key = (within, acc if within else -cost)
+    if best is None or key > best[0]:
+      best = (key, BudgetPoint(q, mix))
+  return best[1]
 
 
 def fit_clusters(fit: StateTable, seed: int, cfg: EvalConfig) -> np.ndarray:
@@ -145,7 +186,8 @@ def _with_predictions(fam: PathFamily, params: dict, history: dict,
 
 def _budget_mode(fitted: Fitted, cal: StateTable, test: StateTable, budgets: Sequence[float],
                  naive: dict) -> dict:
-  """λ chosen on cal per budget; falls back to the naive combination where it is better on cal.
+  """(start level, λ mix) chosen on cal per budget; falls back to the naive combination where it
+  is better on cal.
 
   naive: the naive combination's budget mode, {budget key: `_best_mix` or None}.
   """
@@ -153,19 +195,21 @@ def _budget_mode(fitted: Fitted, cal: StateTable, test: StateTable, budgets: Seq
   for budget in budgets:
     key = budget_key(budget)
     naive_point = naive[key]
-    mix = policy.budget_mix(lambda l: float(fitted.simulate(cal, "cal", [l]).mean_cost()[0]), budget)
+    point = budget_point(fitted, cal, budget)
+    mix, q = point.mix, point.start
     weights = np.array([1 - mix.p_rich, mix.p_rich])  # the per-sample coin, in expectation
     own = {}
     for name, t in (("cal", cal), ("test", test)):
-      both = fitted.simulate(t, name, [mix.lam, mix.lam_rich])
+      both = fitted.simulate(t, name, [mix.lam, mix.lam_rich], [q, q])
       own[f"{name}_cost"] = float(weights @ both.mean_cost())
       own[f"{name}_accuracy"] = float(weights @ both.accuracy())
     fallback = naive_point is not None and naive_point["cal_accuracy"] > own["cal_accuracy"]
     chosen = naive_point if fallback else own
     # The chosen operating point's numbers first; the policy's own mix beside them.
     entry = {k: chosen[k] for k in own}
-    entry.update(fallback=fallback, policy={"lambda": mix.lam, "lambda_rich": mix.lam_rich,
-                                            "p_rich": mix.p_rich, **own}, naive=naive_point)
+    entry.update(fallback=fallback, policy={"start": fitted.family.ladder[q], "lambda": mix.lam,
+                                            "lambda_rich": mix.lam_rich, "p_rich": mix.p_rich,
+                                            **own}, naive=naive_point)
     out[key] = entry
   return out
 
@@ -177,9 +221,7 @@ def _run(fitted: Fitted, cal: StateTable, test: StateTable, naive: dict,
   details: also the diagnostics and calibration (reported for one run).
   """
   test_t = test.restrict(fitted.family)
-  lambdas = policy.lambda_grid(fitted.family, cfg.num_lambdas)
-  res = fitted.simulate(test, "test", lambdas)
-  pts = res.points()
+  pts = fitted.sweep(test, "test", cfg.num_lambdas).points()
   run = {"points": pts, **metrics.summarize(pts, num_classes, cfg.budgets),
          "budget_mode": _budget_mode(fitted, cal, test, cfg.budgets, naive),
          "predictor_epochs": fitted.history["epochs"],
@@ -202,7 +244,7 @@ def _run(fitted: Fitted, cal: StateTable, test: StateTable, naive: dict,
 
 def _fingerprint(fit: StateTable, cal: StateTable, test: StateTable, cfg: EvalConfig) -> str:
   """What saved runs depend on: the config, the family and each table's content."""
-  h = hashlib.sha256(json.dumps([dataclasses.asdict(cfg), test.family.spec()],
+  h = hashlib.sha256(json.dumps([RESULTS_VERSION, dataclasses.asdict(cfg), test.family.spec()],
                                 sort_keys=True, default=str).encode())
   for t in (fit, cal, test):
     for a in (t.labels, t.correct, t.logits, t.summary, *(t.features[k] for k in sorted(t.features))):

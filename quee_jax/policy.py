@@ -3,9 +3,14 @@
 At a gate in state σ the sample takes the first step of
   c* = argmin_c  ê_c(x) + λ · ΔC(σ, c)
 (exit, or run the next segment at c*'s level) and decides again at the next
-gate; the last gate always exits. Before block 1 there are no features: the
-start level comes from the fit split's population error rates of the
-constant-level paths, so it depends on λ only.
+gate; the last gate always exits. Before block 1 there are no features, so the
+start level is a parameter of the operating point beside λ, the same for every
+sample: `simulate` takes one per λ row. Given λ alone it defaults to the level
+the fit split's population error rates of the constant-level paths pick
+(`start_levels`). The accuracy-cost curve sweeps both (`operating_grid`): a λ
+sweep alone reaches only the convex hull of the (cost, error) points of each
+start level, and the start level jumps between levels where the curve of one
+of them is not convex (docs/method.md).
 
 Predicted errors enter through a soft floor at the reference candidate, the
 most expensive one (continuing at the current, or for a fresh path the top,
@@ -39,7 +44,9 @@ SOFT_FLOOR = 0.01  # default τ: one point of error rate
 class PolicyResult:
   """Per λ (rows) and sample (columns)."""
 
+  ladder: tuple[str, ...]
   lambdas: np.ndarray
+  starts: np.ndarray      # [L] level index each row started at
   exit_state: np.ndarray  # [L, N] state whose exit gave the prediction
   pred: np.ndarray        # [L, N]
   correct: np.ndarray     # [L, N] bool
@@ -52,8 +59,10 @@ class PolicyResult:
     return self.correct.mean(axis=1)
 
   def points(self) -> list[dict]:
-    return [{"param": float(l), "cost": float(c), "accuracy": float(a)}
-            for l, c, a in zip(self.lambdas, self.mean_cost(), self.accuracy())]
+    """One point per row: param {"lambda", "start" (a level name)}, cost, accuracy."""
+    return [{"param": {"lambda": float(l), "start": self.ladder[q]}, "cost": float(c),
+             "accuracy": float(a)}
+            for l, q, c, a in zip(self.lambdas, self.starts, self.mean_cost(), self.accuracy())]
 
 
 def choose(errors: np.ndarray, dcost: np.ndarray, mask: np.ndarray, lam: np.ndarray,
@@ -116,16 +125,46 @@ def start_levels(family: PathFamily, population_err: np.ndarray, lambdas: np.nda
   return roots[choice // family.num_gates]
 
 
+def check_starts(family: PathFamily, starts, num: int, arg: str = "starts") -> np.ndarray:
+  """[num] level indices from None, a level (name or index) or one per row; each must be a
+  start level of `family`. None gives -1 (the λ rule of `start_levels`)."""
+  if starts is None:
+    return np.full(num, -1, np.int64)
+  raw = np.asarray(starts)
+  if raw.ndim == 0:
+    raw = np.full(num, raw.item(), dtype=object)
+  if raw.shape != (num,):
+    raise ValueError(f"{arg}: expected a level or one per row ({num}), got shape {raw.shape}")
+  if raw.dtype.kind not in "iu":  # names, or names and indices mixed
+    # A list keeps its items' types (numpy turns mixed names and indices into names).
+    values = list(starts) if isinstance(starts, (list, tuple)) else raw.tolist()
+    unknown = sorted({v for v in values if isinstance(v, str)} - set(family.ladder))
+    if unknown:
+      raise ValueError(f"{arg}: unknown level(s) {unknown}; the ladder is {list(family.ladder)}")
+    if not all(isinstance(v, (str, int, np.integer)) and not isinstance(v, bool) for v in values):
+      raise ValueError(f"{arg}: expected level names or indices, got {raw.dtype} values")
+    raw = np.array([family.ladder.index(v) if isinstance(v, str) else int(v) for v in values],
+                   np.int64)
+  bad = sorted(set(raw.tolist()) - set(family.start_levels))
+  if bad:
+    raise ValueError(f"{arg}: {bad} are not start levels of this family"
+                     f" ({[family.ladder[q] for q in family.start_levels]})")
+  return raw.astype(np.int64)
+
+
 def simulate(table: StateTable, predicted: np.ndarray, population_err: np.ndarray,
-             lambdas: np.ndarray, tau: float = SOFT_FLOOR) -> PolicyResult:
+             lambdas: np.ndarray, *, tau: float = SOFT_FLOOR, starts=None) -> PolicyResult:
   """Runs the policy for every λ over a state table.
 
   Args:
     table: the states of every sample (test, cal, ...).
     predicted: [S, N, C] predicted error probabilities for this table.
-    population_err: `start_errors` of the fit table.
+    population_err: `start_errors` of the fit table (the start level where
+      `starts` leaves it open).
     lambdas: [L] non-negative trade-offs.
     tau: the soft floor's temperature (see the module docstring).
+    starts: the start level of each row: None (`start_levels` picks it from λ),
+      a level name or index for every row, or one per row [L].
   """
   fam = table.family
   lambdas = np.asarray(lambdas, np.float64)
@@ -137,7 +176,10 @@ def simulate(table: StateTable, predicted: np.ndarray, population_err: np.ndarra
   L, N = len(lambdas), table.num_samples
   if not (np.isfinite(tau) and tau >= 0):
     raise ValueError(f"tau: expected a finite value >= 0, got {tau}")
-  cur = np.repeat(start_levels(fam, population_err, lambdas, tau)[:, None], N, axis=1)  # [L, N]
+  starts = check_starts(fam, starts, L)
+  roots = start_levels(fam, population_err, lambdas, tau)
+  roots = np.where(starts >= 0, root_states(fam)[np.maximum(starts, 0)], roots)
+  cur = np.repeat(roots[:, None], N, axis=1)  # [L, N]
   done = np.zeros((L, N), bool)
   cols = np.arange(N)[None, :]
   lam = np.repeat(lambdas[:, None], N, axis=1)
@@ -149,8 +191,24 @@ def simulate(table: StateTable, predicted: np.ndarray, population_err: np.ndarra
     cur = np.where(done, cur, nxt)
   if not done.all():
     raise AssertionError("policy: a sample passed the last gate without exiting")
-  return PolicyResult(lambdas=lambdas, exit_state=cur, pred=table.pred[cur, cols],
+  return PolicyResult(ladder=tuple(fam.ladder), lambdas=lambdas, starts=fam.level[roots],
+                      exit_state=cur, pred=table.pred[cur, cols],
                       correct=table.correct[cur, cols], cost=fam.cost[cur])
+
+
+def root_states(family: PathFamily) -> np.ndarray:
+  """[num levels] the state after block 1 at each level (-1 where a path may not start)."""
+  out = np.full(len(family.ladder), -1, np.int64)
+  for q in family.start_levels:
+    out[q] = chain(family, q)[0]
+  return out
+
+
+def operating_grid(family: PathFamily, lambdas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(lambdas, starts) [len(start_levels) * L]: every start level with every λ."""
+  lambdas = np.asarray(lambdas, np.float64)
+  starts = np.repeat(np.asarray(family.start_levels, np.int64), len(lambdas))
+  return np.tile(lambdas, len(family.start_levels)), starts
 
 
 def lambda_grid(family: PathFamily, num: int = 96) -> np.ndarray:

@@ -223,7 +223,7 @@ class Runner:
 
   # -- host side ---------------------------------------------------------------
 
-  def _check_inputs(self, images, lam) -> tuple[np.ndarray, np.ndarray]:
+  def _check_inputs(self, images, lam, start) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     images = np.asarray(images)
     if images.ndim != len(self.input_shape) + 1 or images.shape[1:] != self.input_shape:
       raise ValueError(f"images: expected shape [N, {', '.join(map(str, self.input_shape))}],"
@@ -245,17 +245,21 @@ class Runner:
       raise ValueError(f"lam: expected a number or one per image ({len(images)}), got shape {lam.shape}")
     if not np.isfinite(lam).all() or (lam < 0).any():
       raise ValueError(f"lam: expected finite values >= 0, got min {lam.min()}")
-    return images, lam
+    return images, lam, policy.check_starts(self.family, start, len(images), "start")
 
-  def classify(self, images, lam) -> RunResult:
-    """Runs the policy at trade-off `lam` (a number, or one per image) on images [N, ...]."""
-    images, lam = self._check_inputs(images, lam)
+  def classify(self, images, lam, start=None) -> RunResult:
+    """Runs the policy on images [N, ...] at trade-off `lam` (a number, or one per image).
+
+    start: the level block 1 runs at (a name or index, or one per image); None: the
+      level the population-error rule picks for each λ (`policy.start_levels`).
+    """
+    images, lam, levels = self._check_inputs(images, lam, start)
     fam = self.family
     n = len(images)
-    start = np.empty(n, np.int32)
-    for value in np.unique(lam):  # the start level depends on λ only
-      start[lam == value] = policy.start_levels(fam, self.gating.population_err, np.array([value]),
-                                                self.gating.tau)[0]
+    start = policy.root_states(fam)[np.maximum(levels, 0)].astype(np.int32)
+    for value in np.unique(lam[levels < 0]):  # the rule's start depends on λ only
+      start[(lam == value) & (levels < 0)] = policy.start_levels(
+          fam, self.gating.population_err, np.array([value]), self.gating.tau)[0]
     state, pred = np.empty(n, np.int32), np.empty(n, np.int32)
     per_pass = self.max_batch * len(self.devices)
     # Each lane's buffers serve every pass: a row read at a gate was written at the one before.

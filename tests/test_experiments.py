@@ -244,6 +244,7 @@ def test_bench_runtime_on_a_finished_workdir(finished, tmp_path):
           ("latency", "half point")} <= names
   for row in report["rows"]:  # 200 test images: the runner decides as the simulation does
     assert row["mismatches"] <= 2, row
+    assert row["start"] in ("float", "w8a8", "w4a4", "w2a4"), row
   assert set(report["block_us_per_sample"]) == {"float", "w8a8", "w4a4", "w2a4"}
   # A directory that no finished run wrote is refused with a message, not a traceback.
   out = subprocess.run([sys.executable, "-m", "experiments.bench_runtime", "--workdir",

@@ -28,12 +28,17 @@ def uniform_pred(fam, n, value=0.3):
   return np.where(fam.cand_mask[:, None, :], value, 1.0).astype(np.float32) * np.ones((1, n, 1))
 
 
+def random_case(fam, n, p_right, seed):
+  """A table right with probability p_right, random predictions, the table's own start rates."""
+  rng = np.random.default_rng(seed)
+  table = table_for(fam, rng.random((fam.num_states, n)) < p_right)
+  predicted = rng.random((fam.num_states, n, len(fam.candidates))).astype(np.float32)
+  return table, predicted, policy.start_errors(table)
+
+
 def test_lambda_zero_is_the_full_model_even_when_cheap_paths_look_better():
   fam = tiny_family()
-  rng = np.random.default_rng(0)
-  table = table_for(fam, rng.random((fam.num_states, 50)) < 0.7)
-  predicted = rng.random((fam.num_states, 50, len(fam.candidates))).astype(np.float32)
-  pop = policy.start_errors(table)
+  table, predicted, pop = random_case(fam, 50, 0.7, seed=0)
   pop[1] = 0.0  # the cheap level even looks perfect on average
   res = policy.simulate(table, predicted, pop, np.array([0.0]))
   full = baselines.chain(fam, 0)[-1]
@@ -48,6 +53,43 @@ def test_huge_lambda_exits_at_the_first_gate_at_the_cheapest_level():
   res = policy.simulate(table, uniform_pred(fam, 20), policy.start_errors(table), np.array([1e6]))
   assert (res.exit_state == fam.find(["w4a4"])).all()
   np.testing.assert_allclose(res.cost, 0.15)
+
+
+def test_an_explicit_start_level_overrides_the_population_rule():
+  fam = tiny_family()
+  table = table_for(fam, np.ones((fam.num_states, 20), bool))
+  pop = policy.start_errors(table)
+  res = policy.simulate(table, uniform_pred(fam, 20), pop, np.array([1e6, 1e6, 0.0]),
+                        starts=["float", 1, "w4a4"])
+  assert res.starts.tolist() == [0, 1, 1]
+  assert (res.exit_state[0] == fam.find(["float"])).all()  # huge λ: the first exit, at float
+  assert (res.exit_state[1] == fam.find(["w4a4"])).all()
+  # λ = 0 from w4a4: the reference from a state that may still switch is the full model's
+  # level, so block 1 at w4a4 and then float to the end.
+  assert (res.exit_state[2] == fam.find(["w4a4", "float", "float"])).all()
+  for starts, msg in ((["w8a8"] * 3, "unknown level"), ([2, 0, 0], "not start levels"),
+                      ([0, 1], "one per row"), ([0.0, 1.0, 0.0], "names or indices")):
+    with pytest.raises(ValueError, match=f"starts: .*{msg}"):
+      policy.simulate(table, uniform_pred(fam, 20), pop, np.array([1e6, 1e6, 0.0]), starts=starts)
+
+
+def test_the_operating_grid_contains_every_point_of_the_population_rule():
+  # The rule picks one start level per λ, so sweeping every start level with every λ can
+  # only add operating points: its curve is nowhere below the rule's.
+  fam = tiny_family()
+  table, predicted, pop = random_case(fam, 80, 0.6, seed=3)
+  lams = policy.lambda_grid(fam, 32)
+  rule = policy.simulate(table, predicted, pop, lams)
+  grid_lams, grid_starts = policy.operating_grid(fam, lams)
+  grid = policy.simulate(table, predicted, pop, grid_lams, starts=grid_starts)
+  assert len(grid.lambdas) == len(fam.start_levels) * len(lams)
+  assert sorted(set(grid.starts.tolist())) == list(fam.start_levels)
+  for row, (lam, start) in enumerate(zip(rule.lambdas, rule.starts)):
+    match = np.flatnonzero((grid.lambdas == lam) & (grid.starts == start))
+    np.testing.assert_array_equal(grid.exit_state[match[0]], rule.exit_state[row])
+  for b in metrics.BUDGETS:
+    assert metrics.accuracy_at(grid.points(), b, 2) >= metrics.accuracy_at(rule.points(), b, 2)
+  assert grid.points()[0]["param"] == {"lambda": 0.0, "start": "float"}
 
 
 def test_known_decision():

@@ -74,6 +74,19 @@ def test_per_sample_lambda_mixes_two_policies(setup):
     np.testing.assert_array_equal(out.exit_state[rows], state[rows])
 
 
+def test_explicit_start_levels_per_sample_equal_the_simulated_policy(setup):
+  x, tables, fitted, runner = setup
+  start = np.random.default_rng(1).integers(0, 2, len(x["test"]))  # float or w4a4, per sample
+  for lam in (1e-3, 0.2):
+    out = runner.classify(x["test"], lam, start)
+    res = fitted.simulate(tables["test"], "test", [lam, lam], [0, 1])
+    want = np.where(start == 0, res.exit_state[0], res.exit_state[1])
+    np.testing.assert_array_equal(out.exit_state, want, err_msg=f"lambda {lam}")
+    np.testing.assert_array_equal(out.levels[:, 0], start)  # block 1 ran where it was told
+  named = runner.classify(x["test"], 0.2, "w4a4")
+  np.testing.assert_array_equal(named.exit_state, runner.classify(x["test"], 0.2, 1).exit_state)
+
+
 def test_compilations_are_bounded_and_do_not_grow_with_batches(setup, tiny):
   x, _, _, shared = setup
   runner = runtime.Runner(tiny[2], tiny[1], "float,w4a4", shared.gating,
@@ -125,6 +138,10 @@ def test_bad_input_is_refused_before_any_compute(setup, tiny):
   for lam in (-0.1, np.nan, np.ones(3)):
     with pytest.raises(ValueError, match="lam"):
       runner.classify(good, lam)
+  for start, msg in (("w2a2", "unknown level"), (5, "not start levels"), (np.zeros(3, int), "one per"),
+                     (0.5, "names or indices")):
+    with pytest.raises(ValueError, match=f"start: .*{msg}"):
+      runner.classify(good, 0.1, start)
   assert runner.num_traces == before
   gating = runner.gating
   with pytest.raises(ValueError, match="trained for ladder"):
