@@ -97,6 +97,13 @@ class BudgetPoint:
   start: int             # level index
   mix: policy.BudgetMix  # the two λ and the probability of the dearer one
 
+  def expected(self, fitted: Fitted, table: StateTable, split: str) -> tuple[float, float]:
+    """(mean cost, accuracy) on `table`, in expectation over the per-sample coin."""
+    mix, q = self.mix, self.start
+    both = fitted.simulate(table, split, [mix.lam, mix.lam_rich], [q, q])
+    weights = np.array([1 - mix.p_rich, mix.p_rich])
+    return float(weights @ both.mean_cost()), float(weights @ both.accuracy())
+
 
 def budget_point(fitted: Fitted, cal: StateTable, budget: float) -> BudgetPoint:
   """Per start level the λ mix that spends `budget` on cal (`policy.budget_mix`); the best on cal.
@@ -107,14 +114,12 @@ def budget_point(fitted: Fitted, cal: StateTable, budget: float) -> BudgetPoint:
   best = None
   for q in fitted.family.start_levels:
     mean_cost = lambda l: float(fitted.simulate(cal, "cal", [l], [q]).mean_cost()[0])
-    mix = policy.budget_mix(mean_cost, budget)
-    both = fitted.simulate(cal, "cal", [mix.lam, mix.lam_rich], [q, q])
-    weights = np.array([1 - mix.p_rich, mix.p_rich])
-    cost, acc = float(weights @ both.mean_cost()), float(weights @ both.accuracy())
+    point = BudgetPoint(q, policy.budget_mix(mean_cost, budget))
+    cost, acc = point.expected(fitted, cal, "cal")
     within = cost <= budget * (1 + 1e-9)
     key = (within, acc if within else -cost)
     if best is None or key > best[0]:
-      best = (key, BudgetPoint(q, mix))
+      best = (key, point)
   return best[1]
 
 
@@ -196,20 +201,17 @@ def _budget_mode(fitted: Fitted, cal: StateTable, test: StateTable, budgets: Seq
     key = budget_key(budget)
     naive_point = naive[key]
     point = budget_point(fitted, cal, budget)
-    mix, q = point.mix, point.start
-    weights = np.array([1 - mix.p_rich, mix.p_rich])  # the per-sample coin, in expectation
     own = {}
     for name, t in (("cal", cal), ("test", test)):
-      both = fitted.simulate(t, name, [mix.lam, mix.lam_rich], [q, q])
-      own[f"{name}_cost"] = float(weights @ both.mean_cost())
-      own[f"{name}_accuracy"] = float(weights @ both.accuracy())
+      own[f"{name}_cost"], own[f"{name}_accuracy"] = point.expected(fitted, t, name)
     fallback = naive_point is not None and naive_point["cal_accuracy"] > own["cal_accuracy"]
     chosen = naive_point if fallback else own
     # The chosen operating point's numbers first; the policy's own mix beside them.
     entry = {k: chosen[k] for k in own}
-    entry.update(fallback=fallback, policy={"start": fitted.family.ladder[q], "lambda": mix.lam,
-                                            "lambda_rich": mix.lam_rich, "p_rich": mix.p_rich,
-                                            **own}, naive=naive_point)
+    mix = point.mix
+    entry.update(fallback=fallback, policy={"start": fitted.family.ladder[point.start],
+                                            "lambda": mix.lam, "lambda_rich": mix.lam_rich,
+                                            "p_rich": mix.p_rich, **own}, naive=naive_point)
     out[key] = entry
   return out
 

@@ -176,9 +176,7 @@ def simulate(table: StateTable, predicted: np.ndarray, population_err: np.ndarra
   L, N = len(lambdas), table.num_samples
   if not (np.isfinite(tau) and tau >= 0):
     raise ValueError(f"tau: expected a finite value >= 0, got {tau}")
-  starts = check_starts(fam, starts, L)
-  roots = start_levels(fam, population_err, lambdas, tau)
-  roots = np.where(starts >= 0, root_states(fam)[np.maximum(starts, 0)], roots)
+  roots = start_states(fam, population_err, lambdas, check_starts(fam, starts, L), tau)
   cur = np.repeat(roots[:, None], N, axis=1)  # [L, N]
   done = np.zeros((L, N), bool)
   cols = np.arange(N)[None, :]
@@ -196,12 +194,20 @@ def simulate(table: StateTable, predicted: np.ndarray, population_err: np.ndarra
                       correct=table.correct[cur, cols], cost=fam.cost[cur])
 
 
-def root_states(family: PathFamily) -> np.ndarray:
-  """[num levels] the state after block 1 at each level (-1 where a path may not start)."""
-  out = np.full(len(family.ladder), -1, np.int64)
-  for q in family.start_levels:
-    out[q] = chain(family, q)[0]
-  return out
+def start_states(family: PathFamily, population_err: np.ndarray, lambdas: np.ndarray,
+                 starts: np.ndarray, tau: float = SOFT_FLOOR) -> np.ndarray:
+  """[L] root state of each row: block 1 at its start level (`check_starts` indices), or
+  where that is -1 at the level `start_levels` picks for the row's λ.
+
+  `simulate` and the runtime both start samples through this function.
+  """
+  roots = np.full(len(starts), -1, np.int64)
+  for q in np.unique(starts[starts >= 0]):
+    roots[starts == q] = chain(family, int(q))[0]
+  rule = starts < 0
+  if rule.any():
+    roots[rule] = start_levels(family, population_err, np.asarray(lambdas)[rule], tau)
+  return roots
 
 
 def operating_grid(family: PathFamily, lambdas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -256,10 +256,8 @@ class Runner:
     images, lam, levels = self._check_inputs(images, lam, start)
     fam = self.family
     n = len(images)
-    start = policy.root_states(fam)[np.maximum(levels, 0)].astype(np.int32)
-    for value in np.unique(lam[levels < 0]):  # the rule's start depends on λ only
-      start[(lam == value) & (levels < 0)] = policy.start_levels(
-          fam, self.gating.population_err, np.array([value]), self.gating.tau)[0]
+    start = policy.start_states(fam, self.gating.population_err, lam, levels,
+                                self.gating.tau).astype(np.int32)
     state, pred = np.empty(n, np.int32), np.empty(n, np.int32)
     per_pass = self.max_batch * len(self.devices)
     # Each lane's buffers serve every pass: a row read at a gate was written at the one before.

@@ -293,7 +293,7 @@ def evaluate_exits(cfg: ModelConfig, params: Params, split: Split,
                    levels: Level | str | list = FLOAT, batch_size: int = 500) -> np.ndarray:
   """Accuracy of every exit on `split` with blocks at `levels` (one level or one per block)."""
   if isinstance(levels, (Level, str)):
-    levels = (precision.parse_level(levels),) * cfg.depth
+    levels = [levels] * cfg.depth
   levels = tuple(precision.parse_level(q) for q in levels)
   correct, n = np.zeros(len(cfg.exits)), 0
   for batch in split.batches(batch_size):
