@@ -11,7 +11,9 @@ it times, after warm-up, as the median of several repetitions:
     programs timed here first, `runtime.latency_costs`). The operating points
     (λ and start level) are: λ = 0; the cheapest whose cal accuracy is within
     0.5 point of the full model's (`--max_drop`); and budget mode's for
-    `--budgets` (BOPs; `evaluate.budget_point`).
+    `--budgets` (BOPs; `evaluate.budget_point`); with `--test_chosen`, also
+    the latency operating points most accurate on the test split within each
+    given cost: what a perfect choice would reach (an upper bound, not a result).
 For each it prints images/s, the ratio to the full model, test accuracy,
 counted cost, and how many samples' exit, level history and prediction differ
 from the simulated policy on the test state table (`policy.simulate`).
@@ -31,42 +33,45 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
 from experiments import run as pipeline
 from quee_jax import baselines, evaluate, models, runtime
 from quee_jax.collect import padded_batches
-from quee_jax.table import load_table
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A work directory finished by experiments.run.")
 flags.DEFINE_string("variant", "quee", f"Which saved predictors, of {list(evaluate.VARIANTS)}.")
 flags.DEFINE_integer("seed", None, "Which seed's predictors (default: the config's first).")
-flags.DEFINE_integer("max_batch", 1024, "Samples per pass (the full model's batch too).")
+flags.DEFINE_integer("max_batch", 1024, "Samples per lane (the full model's batch too).")
+flags.DEFINE_integer("lanes_per_device", None, "The runner's lanes in flight per device"
+                     " (default: 2 on accelerators, 1 on CPUs).")
 flags.DEFINE_integer("reps", 5, "Timed repetitions (median reported).")
 flags.DEFINE_float("max_drop", 0.005, "Accuracy the half point may lose on cal (0.005 = 0.5 point).")
 flags.DEFINE_list("budgets", ["0.5", "0.25"], "Budget-mode budgets to time (fractions of BOPs).")
+flags.DEFINE_list("test_chosen", [], "Also time, under the latency cost model, the operating point"
+                  " most accurate on TEST among those whose counted test cost is at most each of"
+                  " these: an upper bound on what any rule choosing on cal reaches (a diagnostic,"
+                  " never a result).")
 
 
 def load_workdir(workdir: str):
   """(config, plan, splits, params, tables) of a finished run; ValueError if it is not finished."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise ValueError(f"workdir: no config.json in {workdir!r}; run experiments.run into it first")
-  with open(path) as f:
-    c = ml_collections.ConfigDict(json.load(f))
-  plan = pipeline.make_plan(c)
-  st = pipeline.stamps(c)
-  for name, key in (("accuracy.json", "model"), ("results.json", "eval")):
-    if not pipeline.made_with(os.path.join(workdir, name), key, st[key]):
-      raise ValueError(f"workdir: {name} in {workdir!r} is missing or from another config;"
-                       " finish `python -m experiments.run` with this config first")
+  c, plan, tables = pipeline.load_finished(workdir)
   splits = pipeline.load_splits(c, plan)
   params = pipeline.trained_params(c, plan, splits, workdir, {})  # finished: restored, not trained
-  tables = {k: load_table(os.path.join(workdir, "tables", k)) for k in ("fit", "cal", "test")}
   return c, plan, splits, params, tables
+
+
+def _costs(flag: str, values) -> list[float]:
+  try:
+    out = [float(v) for v in values]
+  except ValueError:
+    out = [-1.0]
+  if any(not 0 < v <= 1 for v in out):
+    raise ValueError(f"--{flag}: expected costs in (0, 1], got {list(values)}")
+  return out
 
 
 def full_model_fn(backbone, params, level):
@@ -105,6 +110,16 @@ def half_point(fitted, cal, full_acc: float, max_drop: float, num_lambdas: int
   return float(res.lambdas[best]), int(res.starts[best])
 
 
+def test_chosen(fitted, test, cap: float, num_lambdas: int) -> tuple[float, int]:
+  """(λ, start level) of the operating point most accurate on test among those whose mean test
+  cost is at most cap (the cheapest, if none is)."""
+  res = fitted.sweep(test, "test", num_lambdas)
+  cost = res.mean_cost()
+  ok = np.flatnonzero(cost <= cap)
+  best = ok[np.argmax(res.accuracy()[ok])] if len(ok) else int(np.argmin(cost))
+  return float(res.lambdas[best]), int(res.starts[best])
+
+
 def simulated(fitted, test, lam: np.ndarray, start: np.ndarray):
   """Exit states and predictions of the simulated policy on test for per-sample λ and start."""
   pairs, row = np.unique(np.stack([lam, start.astype(np.float64)], axis=1), axis=0,
@@ -123,7 +138,7 @@ def main(argv):
     seed = plan.eval.seeds[0] if FLAGS.seed is None else FLAGS.seed
     fitted = evaluate.load_variant(tables, FLAGS.variant, seed, plan.eval,
                                    os.path.join(FLAGS.workdir, "predictors"))
-    budgets = [float(b) for b in FLAGS.budgets]
+    budgets, caps = _costs("budgets", FLAGS.budgets), _costs("test_chosen", FLAGS.test_chosen)
   except ValueError as e:
     sys.exit(f"error: {e}")
   bb = models.backbone(plan.model)
@@ -145,7 +160,8 @@ def main(argv):
 
   gating = runtime.gating_from_fitted(fitted, plan.eval.predictor.level)
   runner = runtime.Runner(bb, params, plan.ladder, gating, input_shape=test_x.shape[1:],
-                          input_dtype=test_x.dtype, max_batch=FLAGS.max_batch)
+                          input_dtype=test_x.dtype, max_batch=FLAGS.max_batch,
+                          lanes_per_device=FLAGS.lanes_per_device)
   t0 = time.time()
   lat = runtime.latency_costs(runner, reps=FLAGS.reps)
   print(f"latency cost model measured in {time.time() - t0:.0f} s")
@@ -173,6 +189,11 @@ def main(argv):
         coin = rng.random(n) < point.mix.p_rich
         cases.append((name, f"budget {b:g}",
                       np.where(coin, point.mix.lam_rich, point.mix.lam), np.full(n, point.start)))
+    if name == "latency":
+      for cap in caps:
+        lam, start = test_chosen(f, tables["test"], cap, plan.eval.num_lambdas)
+        cases.append((name, f"test-chosen cost<={cap:g} λ={lam:.3g}", np.full(n, lam),
+                      np.full(n, start)))
 
   rows = []
   print(f"\n| cost model | λ | start | img/s | vs full | test acc | acc drop | counted cost | mismatches |")

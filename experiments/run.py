@@ -118,7 +118,7 @@ def make_plan(c: ml_collections.ConfigDict, stages=STAGES) -> Plan:
   eval_cfg = _checked("eval", evaluate.EvalConfig, seeds=tuple(ev.seeds), predictor=pred,
                       min_cluster=ev.min_cluster, max_clusters=ev.max_clusters, alpha=ev.alpha,
                       variants=tuple(ev.variants), budgets=tuple(ev.budgets),
-                      soft_floor=ev.soft_floor)
+                      soft_floor=ev.soft_floor, fallback_z=ev.fallback_z)
   if ev.signal_level and ev.signal_level not in q.precision.ladder_names(ladder):
     raise ValueError(f"--config.eval.signal_level: expected a level of the ladder"
                      f" {q.precision.ladder_names(ladder)} or '', got {ev.signal_level!r}")
@@ -213,6 +213,24 @@ def load_splits(c: ml_collections.ConfigDict, plan: Plan) -> data.Splits:
                             source=c.source, data_dir=c.data_dir or None)
   _checked("model", data.check_model_input, splits.train, m.image_size, m.channels)
   return splits
+
+
+def load_finished(workdir: str) -> tuple[ml_collections.ConfigDict, Plan, dict]:
+  """(config, plan, {split: state table}) of a work directory this pipeline finished, for the
+  scripts that read one; ValueError naming `workdir` if it is not finished."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"workdir: no config.json in {workdir!r}; run experiments.run into it first")
+  with open(path) as f:
+    c = ml_collections.ConfigDict(json.load(f))
+  plan = make_plan(c)
+  st = stamps(c)
+  for name, key in (("accuracy.json", "model"), ("results.json", "eval")):
+    if not made_with(os.path.join(workdir, name), key, st[key]):
+      raise ValueError(f"workdir: {name} in {workdir!r} is missing or from another config;"
+                       " finish `python -m experiments.run` with this config first")
+  tables = {k: q.load_table(os.path.join(workdir, "tables", k)) for k in ("fit", "cal", "test")}
+  return c, plan, tables
 
 
 def run(c: ml_collections.ConfigDict, workdir: str, stages=STAGES) -> dict[str, float]:

@@ -99,13 +99,17 @@ def confidence_exit(fit: StateTable, table: StateTable, level: int,
   return points
 
 
-def confidence_points_at(table: StateTable, param: dict) -> dict:
-  """Cost and accuracy on `table` of a confidence-exit point's fitted thresholds."""
+def confidence_states_at(table: StateTable, param: dict) -> np.ndarray:
+  """[N] the state each sample of `table` exits at under a confidence-exit point's thresholds."""
   fam = table.family
   states = chain(fam, fam.ladder.index(param["level"]))
-  exit_idx = apply_thresholds(table.features["max_prob"][states], np.asarray(param["thresholds"]))
-  chosen = states[exit_idx]
-  return {"cost": float(fam.cost[chosen].mean()),
+  return states[apply_thresholds(table.features["max_prob"][states], np.asarray(param["thresholds"]))]
+
+
+def confidence_points_at(table: StateTable, param: dict) -> dict:
+  """Cost and accuracy on `table` of a confidence-exit point's fitted thresholds."""
+  chosen = confidence_states_at(table, param)
+  return {"cost": float(table.family.cost[chosen].mean()),
           "accuracy": float(table.correct[chosen, np.arange(table.num_samples)].mean())}
 
 

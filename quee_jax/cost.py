@@ -148,6 +148,14 @@ class CostTable:
   def __eq__(self, other) -> bool:
     return isinstance(other, CostTable) and self.to_dict() == other.to_dict()
 
+  def select(self, levels: Sequence[str]) -> "CostTable":
+    """The costs of some of the levels, in the given order; the normalization is unchanged."""
+    levels = tuple(levels)
+    if not levels or len(set(levels)) != len(levels) or not set(levels) <= set(self.ladder):
+      raise ValueError(f"levels: expected distinct levels of {list(self.ladder)}, got {list(levels)}")
+    cols = [self.ladder.index(q) for q in levels]
+    return dataclasses.replace(self, ladder=levels, blocks=self.blocks[:, cols])
+
 
 def _charge(macs: MacCount, level: Level, unit: str, float_bits: int) -> float:
   return float(macs.total if unit == "macs" else bops(macs, level, float_bits))

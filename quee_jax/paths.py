@@ -139,14 +139,33 @@ class PathFamily:
     return self.index[key]
 
   def rows_of(self, other: "PathFamily") -> np.ndarray:
-    """[other's S] this family's state with the same history as each of `other`'s states."""
-    if other.ladder != self.ladder:
-      raise ValueError(f"family: ladder {other.ladder} differs from {self.ladder}")
+    """[other's S] this family's state with the same history as each of `other`'s states
+    (`other` may run on some of this family's levels, `on_levels`)."""
+    unknown = sorted(set(other.ladder) - set(self.ladder))
+    if unknown:
+      raise ValueError(f"family: ladder {list(other.ladder)} has levels {unknown} that"
+                       f" {list(self.ladder)} lacks")
+    to_self = [self.ladder.index(q) for q in other.ladder]
     try:
-      return np.array([self.index[key] for key in other.index])
+      return np.array([self.index[tuple(to_self[q] for q in key)] for key in other.index])
     except KeyError as e:
       raise ValueError(f"family: {other.name!r} has a history the {self.name!r} family"
-                       f" lacks: {[other.ladder[q] for q in e.args[0]]}") from None
+                       f" lacks: {[self.ladder[q] for q in e.args[0]]}") from None
+
+  def on_levels(self, levels: Sequence[str]) -> "PathFamily":
+    """The same family over some of its levels, the full model's among them: the states
+    of this family whose every block runs at one of `levels` (a table keeps them with
+    `StateTable.restrict`), at the same costs."""
+    levels = tuple(levels)
+    top = self.ladder[self.top]
+    if top not in levels:
+      raise ValueError(f"levels: expected the full model's level {top!r} among {list(levels)}")
+    costs = self.costs.select(levels)
+    starts = [levels.index(self.ladder[q]) for q in self.start_levels if self.ladder[q] in levels]
+    if not starts:
+      raise ValueError(f"levels: none of {list(levels)} is a start level of the family")
+    return build_family(self.name, levels, self.exits, costs, starts, self.gate_overhead,
+                        top=levels.index(top))
 
   def spec(self) -> dict:
     """What determines the family (JSON-serializable); `from_spec` rebuilds it."""

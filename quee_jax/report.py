@@ -28,20 +28,25 @@ def methods_table(results: dict) -> str:
 
 
 def budget_table(results: dict) -> str:
-  """QuEE's cal-chosen operating points beside the naive combination's, per budget."""
+  """QuEE's cal-chosen operating points beside the naive combination's, per budget: the point
+  budget mode runs (QuEE's own or, where it fell back, the naive one) and QuEE's own."""
   q = results["methods"].get("quee")
   if not q:
     return ""
-  lines = ["| budget | QuEE cal cost | QuEE test cost | QuEE test acc (seed spread) |"
-           " fallbacks to naive | naive test cost | naive test acc |",
-           "|---|---|---|---|---|---|---|"]
+  lines = ["| budget | cal cost | test cost | test acc (seed spread) | fallbacks to naive |"
+           " QuEE's own: test cost | test acc | cal gain over naive / its SE (per seed) |"
+           " naive test cost | naive test acc |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for b, e in q["budget_mode"].items():
-    n = e["naive"]
+    n, own = e["naive"], e["policy"]
     naive_cost = "—" if n is None else f"{n['test_cost']:.4f}"
     naive_acc = "—" if n is None else _pct(n["test_accuracy"])
+    gains = ", ".join("—" if g is None else f"{_pct(g)} / {_pct(se)}"
+                      for g, se in zip(e["cal_gain"], e["cal_gain_se"]))
     lines.append(f"| {b} | {e['cal_cost']:.4f} | {e['test_cost']:.4f} | {_pct(e['test_accuracy'])}"
-                 f" ({_pct(e['test_accuracy_spread'])}) | {e['fallbacks']} | {naive_cost} |"
-                 f" {naive_acc} |")
+                 f" ({_pct(e['test_accuracy_spread'])}) | {e['fallbacks']} |"
+                 f" {own['test_cost']:.4f} | {_pct(own['test_accuracy'])} | {gains} |"
+                 f" {naive_cost} | {naive_acc} |")
   return "\n".join(lines)
 
 

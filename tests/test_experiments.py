@@ -232,7 +232,7 @@ def test_changed_eval_value_reruns_only_evaluation(finished, tmp_path):
 def test_bench_runtime_on_a_finished_workdir(finished, tmp_path):
   workdir, _ = finished
   cmd = [sys.executable, "-m", "experiments.bench_runtime", "--workdir", str(workdir),
-         "--reps=1", "--max_batch=64", "--budgets=0.5"]
+         "--reps=1", "--max_batch=64", "--budgets=0.5", "--test_chosen=0.6"]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
@@ -241,14 +241,40 @@ def test_bench_runtime_on_a_finished_workdir(finished, tmp_path):
   assert report["cost_model"] in ("bops", "latency") and report["full_img_per_s"] > 0
   names = {(r["cost_model"], r["lambda"].split(" λ")[0]) for r in report["rows"]}
   assert {("bops", "λ=0"), ("bops", "half point"), ("bops", "budget 0.5"),
-          ("latency", "half point")} <= names
+          ("latency", "half point"), ("latency", "test-chosen cost<=0.6")} <= names
   for row in report["rows"]:  # 200 test images: the runner decides as the simulation does
     assert row["mismatches"] <= 2, row
     assert row["start"] in ("float", "w8a8", "w4a4", "w2a4"), row
   assert set(report["block_us_per_sample"]) == {"float", "w8a8", "w4a4", "w2a4"}
-  # A directory that no finished run wrote is refused with a message, not a traceback.
-  out = subprocess.run([sys.executable, "-m", "experiments.bench_runtime", "--workdir",
-                        str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  # A directory that no finished run wrote, or a cost that is not one, is refused with a
+  # message, not a traceback.
+  for args, key in ((["--workdir", str(tmp_path)], "workdir"),
+                    (["--workdir", str(workdir), "--test_chosen=half"], "--test_chosen")):
+    out = subprocess.run([sys.executable, "-m", "experiments.bench_runtime", *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and f"error: {key}:" in out.stderr, out.stderr[-2000:]
+
+
+def test_in_sample_ceiling_on_a_finished_workdir(finished, tmp_path):
+  workdir, _ = finished
+  out = subprocess.run([sys.executable, "-m", "experiments.ceiling", "--workdir", str(workdir)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  results = json.load(open(workdir / "results.json"))
+  evaluated = results["methods"]["quee"]["seeds"][0]
+  assert report["fitted_on_fit"]["auc"] == evaluated["auc"]
+  assert report["naive"]["auc_16"] == results["methods"]["ee_confidence"]["auc_16"]
+  fitted = report["fitted_on_test"]
+  assert 0.1 <= fitted["auc_16"] <= results["methods"]["oracle_path"]["auc_16"]
+  # Predictors fitted on other samples decide differently: the curve is not the evaluated one.
+  assert (fitted["auc"], fitted["acc_at_budget"]) != (evaluated["auc"], evaluated["acc_at_budget"])
+  for flag, key in (("--variant=quee_fast", "variant"), ("--seed=7", "seed")):
+    out = subprocess.run([sys.executable, "-m", "experiments.ceiling", "--workdir", str(workdir),
+                          flag], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and f"error: {key}:" in out.stderr, out.stderr[-2000:]
+  out = subprocess.run([sys.executable, "-m", "experiments.ceiling", "--workdir", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0 and "error: workdir:" in out.stderr, out.stderr[-2000:]
 
 

@@ -39,3 +39,15 @@ def test_auroc_matches_pairwise_definition():
 def test_ece():
   assert metrics.expected_calibration_error(np.full(1000, 0.3), np.arange(1000) < 300) == pytest.approx(0.0)
   assert metrics.expected_calibration_error(np.full(100, 0.9), np.zeros(100)) == pytest.approx(0.9)
+
+
+def test_paired_gain():
+  a = np.array([1, 1, 0, 1, 0, 1.0])
+  b = np.array([1, 0, 0, 0, 1, 1.0])
+  gain, se = metrics.paired_gain(a, b)
+  d = a - b
+  assert gain == pytest.approx(1 / 6)
+  assert se == pytest.approx(np.sqrt(((d - d.mean()) ** 2).sum() / 5 / 6))
+  assert metrics.paired_gain(a, a) == (0.0, 0.0)
+  with pytest.raises(ValueError, match="same length"):
+    metrics.paired_gain(a, b[:3])

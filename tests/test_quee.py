@@ -157,20 +157,45 @@ def test_overhead_of_predictors_and_heads_is_under_one_percent():
 
 
 def test_evaluate_signal_recovery():
-  # Two levels: the planted one is the only cheap level, so routing by the signal pays.
-  fam = family(ladder=("float", "w2a4"))
-  t = [synthetic_table(fam, n, i) for i, n in enumerate((3000, 1500, 1500))]
+  # Two levels (the check keeps two of any ladder): the planted one is the only cheap
+  # level, so routing by the signal pays.
+  t = [synthetic_table(family(ladder=("float", "w2a4")), n, i)
+       for i, n in enumerate((3000, 1500, 1500))]
   cfg = evaluate.EvalConfig(seeds=(0,), predictor=predictor.PredictorConfig(epochs=25, hidden=16),
                             variants=("quee",))
   out = evaluate.signal_recovery(*t, "w2a4", cfg)
+  assert out["ladder"] == ["float", "w2a4"]
   vis, hid = out["visible"], out["hidden"]
   # Paths with a w2a4 block are cheap only after a float first block (the start level
   # cannot depend on the sample), so the signal pays at budgets above one float block.
-  gain = lambda r: r["quee"]["acc_at_budget"]["0.5"] - r["naive"]["acc_at_budget"]["0.5"]
+  gain = lambda r, v="quee": r[v]["acc_at_budget"]["0.5"] - r["naive"]["acc_at_budget"]["0.5"]
   assert gain(vis) > 0.03, out
+  # Budget mode sees the gain on cal beyond its noise and keeps QuEE's own point.
+  kept = vis["quee"]["budget_mode"]["0.5"]
+  assert kept["fallbacks"] == 0 and kept["test_accuracy"] > kept["naive"]["test_accuracy"] + 0.03, out
   assert vis["switch_after_first_block"]["auroc_hurt_among_right"] > 0.9, out
   assert abs(gain(hid)) < 0.02, out
+  raw = lambda r: gain(r, "quee_raw_targets")
+  assert raw(vis) > max(0.03, raw(hid)), out  # raw 0/1 targets capture the signal too
   assert abs(hid["switch_after_first_block"]["auroc_hurt_among_right"] - 0.5) < 0.1, out
+
+
+def test_a_family_on_some_of_its_levels_keeps_their_states_and_costs(tables):
+  t = tables["test"]
+  pair = t.family.on_levels(("float", "w2a4"))
+  assert pair.ladder == ("float", "w2a4") and pair.ladder[pair.top] == "float"
+  sub = t.restrict(pair)
+  for hist in (["float"] * 3, ["float", "w2a4", "w2a4"], ["w2a4"]):
+    s, s_full = pair.find(hist), t.family.find(hist)
+    np.testing.assert_array_equal(sub.correct[s], t.correct[s_full])
+    assert pair.cost[s] == pytest.approx(t.family.cost[s_full])
+  assert pair.num_states < t.family.num_states
+  with pytest.raises(ValueError, match="full model's level"):
+    t.family.on_levels(("w4a4", "w2a4"))
+  with pytest.raises(ValueError, match="levels: expected distinct levels"):
+    t.family.on_levels(("float", "w3a3"))
+  with pytest.raises(ValueError, match="level: expected a level"):
+    evaluate.signal_recovery(t, t, t, "float")
 
 
 def test_evaluate_budget_mode_and_fallback(tables):
@@ -186,10 +211,15 @@ def test_evaluate_budget_mode_and_fallback(tables):
       # Two λ mixed: the expected cost on cal is the budget, unless λ = 0 fits.
       assert own["cal_cost"] == pytest.approx(budget, rel=1e-6) or own["p_rich"] == 0
       assert own["cal_cost"] <= budget + 1e-9
-      assert run["fallback"] == (naive is not None and naive["cal_accuracy"] > own["cal_accuracy"])
+      if naive is None:
+        assert not run["fallback"]
+      else:
+        # The paired per-sample difference averages to the difference of the cal accuracies.
+        assert run["cal_gain"] == pytest.approx(own["cal_accuracy"] - naive["cal_accuracy"], abs=1e-9)
+        assert run["fallback"] == (run["cal_gain"] <= cfg.fallback_z * run["cal_gain_se"])
+        # QuEE's own point is kept only where it wins on cal by more than its noise.
+        assert run["fallback"] or run["cal_accuracy"] > naive["cal_accuracy"]
       assert run["test_accuracy"] == (naive if run["fallback"] else own)["test_accuracy"]
-      # On cal, the operating point is never below the naive combination's.
-      assert naive is None or run["cal_accuracy"] >= naive["cal_accuracy"]
   assert res["full_model"]["cost"] == pytest.approx(1.0, abs=1e-3)
   oracle = res["methods"]["oracle_path"]
   assert oracle["auc"] >= max(m["auc"] for m in res["methods"].values())

@@ -65,6 +65,21 @@ def test_runner_equals_the_simulated_policy_on_every_sample(setup):
   assert len(costs) >= 3  # the λ above really take different paths
 
 
+def test_lanes_in_flight_do_not_change_decisions(setup, tiny):
+  x, _, _, runner = setup  # 200 samples: four lanes of at most 64
+  lam = np.random.default_rng(2).choice([1e-3, 0.01, 0.2], len(x["test"]))
+  want = runner.classify(x["test"], lam)
+  for k in (1, 3, 8):
+    other = runtime.Runner(tiny[2], tiny[1], "float,w4a4", runner.gating, lanes_per_device=k,
+                           input_shape=x["test"].shape[1:], max_batch=64, min_bucket=8)
+    got = other.classify(x["test"], lam)
+    np.testing.assert_array_equal(got.exit_state, want.exit_state, err_msg=f"{k} lanes")
+    np.testing.assert_array_equal(got.pred, want.pred, err_msg=f"{k} lanes")
+  with pytest.raises(ValueError, match="lanes_per_device"):
+    runtime.Runner(tiny[2], tiny[1], "float,w4a4", runner.gating, lanes_per_device=0,
+                   input_shape=x["test"].shape[1:])
+
+
 def test_per_sample_lambda_mixes_two_policies(setup):
   x, tables, fitted, runner = setup
   coin = np.random.default_rng(0).random(len(x["test"])) < 0.5
