@@ -65,11 +65,12 @@ def load_workdir(workdir: str):
 
 
 def _costs(flag: str, values) -> list[float]:
+  """The numbers of a list flag, each a cost in (0, 1]; ValueError naming the flag otherwise."""
   try:
     out = [float(v) for v in values]
   except ValueError:
-    out = [-1.0]
-  if any(not 0 < v <= 1 for v in out):
+    out = None
+  if out is None or not all(0 < v <= 1 for v in out):
     raise ValueError(f"--{flag}: expected costs in (0, 1], got {list(values)}")
   return out
 
@@ -100,24 +101,21 @@ def median_seconds(fn, reps):
   return float(np.median(times))
 
 
-def half_point(fitted, cal, full_acc: float, max_drop: float, num_lambdas: int
-               ) -> tuple[float, int]:
-  """(λ, start level) of the cheapest operating point on the grid whose cal accuracy is
+def half_point(cal_sweep, full_acc: float, max_drop: float) -> tuple[float, int]:
+  """(λ, start level) of the cheapest operating point of the cal sweep whose accuracy is
   within max_drop of full_acc."""
-  res = fitted.sweep(cal, "cal", num_lambdas)
-  ok = np.flatnonzero(res.accuracy() >= full_acc - max_drop)
-  best = ok[np.argmin(res.mean_cost()[ok])]
-  return float(res.lambdas[best]), int(res.starts[best])
+  ok = np.flatnonzero(cal_sweep.accuracy() >= full_acc - max_drop)
+  best = ok[np.argmin(cal_sweep.mean_cost()[ok])]
+  return float(cal_sweep.lambdas[best]), int(cal_sweep.starts[best])
 
 
-def test_chosen(fitted, test, cap: float, num_lambdas: int) -> tuple[float, int]:
-  """(λ, start level) of the operating point most accurate on test among those whose mean test
-  cost is at most cap (the cheapest, if none is)."""
-  res = fitted.sweep(test, "test", num_lambdas)
-  cost = res.mean_cost()
+def test_chosen(test_sweep, cap: float) -> tuple[float, int]:
+  """(λ, start level) of the operating point of the test sweep most accurate among those whose
+  mean cost is at most cap (the cheapest, if none is)."""
+  cost = test_sweep.mean_cost()
   ok = np.flatnonzero(cost <= cap)
-  best = ok[np.argmax(res.accuracy()[ok])] if len(ok) else int(np.argmin(cost))
-  return float(res.lambdas[best]), int(res.starts[best])
+  best = ok[np.argmax(test_sweep.accuracy()[ok])] if len(ok) else int(np.argmin(cost))
+  return float(test_sweep.lambdas[best]), int(test_sweep.starts[best])
 
 
 def simulated(fitted, test, lam: np.ndarray, start: np.ndarray):
@@ -178,7 +176,8 @@ def main(argv):
   cases = []  # (cost model, label, per-sample λ, per-sample start level)
   cal_full = float(tables["cal"].restrict(fam).correct[baselines.chain(fam, top)[-1]].mean())
   for name, f in fits.items():
-    lam, start = half_point(f, tables["cal"], cal_full, FLAGS.max_drop, plan.eval.num_lambdas)
+    lam, start = half_point(f.sweep(tables["cal"], "cal", plan.eval.num_lambdas), cal_full,
+                            FLAGS.max_drop)
     if name == "bops":
       cases.append((name, "λ=0", np.zeros(n), np.full(n, top)))
     cases.append((name, f"half point λ={lam:.3g}", np.full(n, lam),
@@ -189,9 +188,10 @@ def main(argv):
         coin = rng.random(n) < point.mix.p_rich
         cases.append((name, f"budget {b:g}",
                       np.where(coin, point.mix.lam_rich, point.mix.lam), np.full(n, point.start)))
-    if name == "latency":
+    if name == "latency" and caps:
+      test_sweep = f.sweep(tables["test"], "test", plan.eval.num_lambdas)  # one for every cap
       for cap in caps:
-        lam, start = test_chosen(f, tables["test"], cap, plan.eval.num_lambdas)
+        lam, start = test_chosen(test_sweep, cap)
         cases.append((name, f"test-chosen cost<={cap:g} λ={lam:.3g}", np.full(n, lam),
                       np.full(n, start)))
 

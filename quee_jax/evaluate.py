@@ -212,14 +212,13 @@ def _budget_mode(fitted: Fitted, cal: StateTable, test: StateTable, budgets: Seq
     key = budget_key(budget)
     naive_point = naive[key]
     point = budget_point(fitted, cal, budget)
-    own = {}
-    for name, t in (("cal", cal), ("test", test)):
-      own[f"{name}_cost"], own[f"{name}_accuracy"] = point.expected(fitted, t, name)
+    cal_cost, cal_correct = point.outcomes(fitted, cal, "cal")  # once: also the paired test's
+    own = {"cal_cost": float(cal_cost.mean()), "cal_accuracy": float(cal_correct.mean())}
+    own["test_cost"], own["test_accuracy"] = point.expected(fitted, test, "test")
     entry = {}
     fallback = naive_point is not None
     if fallback:
-      gain, se = metrics.paired_gain(point.outcomes(fitted, cal, "cal")[1],
-                                     _mix_correct(cal, naive_point))
+      gain, se = metrics.paired_gain(cal_correct, _mix_correct(cal, naive_point))
       fallback = not gain > fallback_z * se
       entry.update(cal_gain=gain, cal_gain_se=se)
     chosen = naive_point if fallback else own

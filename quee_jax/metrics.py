@@ -65,12 +65,12 @@ def pareto(points: Sequence[dict]) -> list[dict]:
   return out
 
 
-def paired_gain(a: np.ndarray, b: np.ndarray, arg: str = "a, b") -> tuple[float, float]:
+def paired_gain(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
   """Mean over samples of a - b and its standard error (a, b: per-sample scores of two
   methods on the same samples, e.g. correctness)."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   if a.ndim != 1 or a.shape != b.shape or len(a) < 2:
-    raise ValueError(f"{arg}: expected two 1-d arrays of the same length >= 2,"
+    raise ValueError(f"a, b: expected two 1-d arrays of the same length >= 2,"
                      f" got shapes {a.shape} and {b.shape}")
   d = a - b
   return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
