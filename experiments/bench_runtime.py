@@ -9,8 +9,12 @@ it times, after warm-up, as the median of several repetitions:
   * the runtime (`quee_jax.runtime.Runner`) at several λ, under two cost
     models: counted BOPs (the evaluation's) and latency (the runner's own
     programs timed here first, `runtime.latency_costs`). The operating points
-    (λ and start level) are: λ = 0; the cheapest whose cal accuracy is within
-    0.5 point of the full model's (`--max_drop`); and budget mode's for
+    (λ and start level) are: λ = 0; the half point, the cheapest whose cal
+    accuracy is within 0.5 point of the full model's (`--max_drop`) with
+    confidence: the paired per-sample cal difference's mean minus z standard
+    errors (`--half_point_z`, default the config's `eval.fallback_z`, as budget
+    mode's fallback) is at least -0.5 point, and beside it the same rule on the
+    mean alone (z = 0), which a small cal split fools; budget mode's for
     `--budgets` (BOPs; `evaluate.budget_point`); with `--test_chosen`, also
     the latency operating points most accurate on the test split within each
     given cost: what a perfect choice would reach (an upper bound, not a result).
@@ -19,8 +23,9 @@ counted cost, and how many samples' exit, level history and prediction differ
 from the simulated policy on the test state table (`policy.simulate`).
 
 The last line is a JSON object: device, full_img_per_s, speedup_at_half_point
-(the better cost model's, named in cost_model), accuracy_drop (test accuracy
-lost there), plus every timed row and the block timings per level.
+(the confident half point of the better cost model, named in cost_model),
+accuracy_drop (test accuracy lost there), half_point_z, plus every timed row
+and the block timings per level.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import run as pipeline
-from quee_jax import baselines, evaluate, models, runtime
+from quee_jax import baselines, device_check, evaluate, metrics, models, runtime
 from quee_jax.collect import padded_batches
 
 FLAGS = flags.FLAGS
@@ -49,6 +54,9 @@ flags.DEFINE_integer("lanes_per_device", None, "The runner's lanes in flight per
                      " (default: 2 on accelerators, 1 on CPUs).")
 flags.DEFINE_integer("reps", 5, "Timed repetitions (median reported).")
 flags.DEFINE_float("max_drop", 0.005, "Accuracy the half point may lose on cal (0.005 = 0.5 point).")
+flags.DEFINE_float("half_point_z", None, "Standard errors of the paired cal difference the half"
+                   " point's accuracy must clear the drop by (default: the config's"
+                   " eval.fallback_z); a 'mean only' half point (z = 0) is timed beside it.")
 flags.DEFINE_list("budgets", ["0.5", "0.25"], "Budget-mode budgets to time (fractions of BOPs).")
 flags.DEFINE_list("test_chosen", [], "Also time, under the latency cost model, the operating point"
                   " most accurate on TEST among those whose counted test cost is at most each of"
@@ -101,11 +109,17 @@ def median_seconds(fn, reps):
   return float(np.median(times))
 
 
-def half_point(cal_sweep, full_acc: float, max_drop: float) -> tuple[float, int]:
+def half_point(cal_sweep, full_correct: np.ndarray, max_drop: float, z: float) -> tuple[float, int]:
   """(λ, start level) of the cheapest operating point of the cal sweep whose accuracy is
-  within max_drop of full_acc."""
-  ok = np.flatnonzero(cal_sweep.accuracy() >= full_acc - max_drop)
-  best = ok[np.argmin(cal_sweep.mean_cost()[ok])]
+  within max_drop of the full model's (per-sample correctness full_correct) with confidence:
+  mean - z * standard error of the paired per-sample difference >= -max_drop. The full
+  model's own point (λ = 0) has a zero difference, so one always qualifies."""
+  ok = []
+  for i, correct in enumerate(cal_sweep.correct):
+    gain, se = metrics.paired_gain(correct, full_correct)
+    if gain - z * se >= -max_drop - 1e-12:
+      ok.append(i)
+  best = ok[int(np.argmin(cal_sweep.mean_cost()[ok]))]
   return float(cal_sweep.lambdas[best]), int(cal_sweep.starts[best])
 
 
@@ -137,6 +151,9 @@ def main(argv):
     fitted = evaluate.load_variant(tables, FLAGS.variant, seed, plan.eval,
                                    os.path.join(FLAGS.workdir, "predictors"))
     budgets, caps = _costs("budgets", FLAGS.budgets), _costs("test_chosen", FLAGS.test_chosen)
+    z = plan.eval.fallback_z if FLAGS.half_point_z is None else FLAGS.half_point_z
+    if not (np.isfinite(z) and z >= 0):
+      raise ValueError(f"--half_point_z: expected a finite number >= 0, got {z}")
   except ValueError as e:
     sys.exit(f"error: {e}")
   bb = models.backbone(plan.model)
@@ -147,6 +164,12 @@ def main(argv):
   device = jax.devices()[0].device_kind
   print(f"device: {device} ({jax.default_backend()}, {len(jax.local_devices())} device(s));"
         f" {len(test_y)} test images; predictors {FLAGS.variant} seed {seed}")
+  try:  # timing programs that compute wrong numbers would be pointless
+    line = device_check.check_accelerator(bb, params, plan.ladder, test_x[:256])
+  except device_check.DeviceMismatch as e:
+    sys.exit(f"error: {e}")
+  if line:
+    print(line)
 
   full = full_model_fn(bb, params, full_level)
   full_pred = classify_full(full, test_x, test_y, FLAGS.max_batch)
@@ -174,14 +197,14 @@ def main(argv):
   rng = np.random.default_rng(0)
   n = len(test_y)
   cases = []  # (cost model, label, per-sample λ, per-sample start level)
-  cal_full = float(tables["cal"].restrict(fam).correct[baselines.chain(fam, top)[-1]].mean())
+  cal_full = tables["cal"].restrict(fam).correct[baselines.chain(fam, top)[-1]]
   for name, f in fits.items():
-    lam, start = half_point(f.sweep(tables["cal"], "cal", plan.eval.num_lambdas), cal_full,
-                            FLAGS.max_drop)
+    cal_sweep = f.sweep(tables["cal"], "cal", plan.eval.num_lambdas)
     if name == "bops":
       cases.append((name, "λ=0", np.zeros(n), np.full(n, top)))
-    cases.append((name, f"half point λ={lam:.3g}", np.full(n, lam),
-                  np.full(n, start)))
+    for label, zz in (("half point", z), ("mean-only half point", 0.0)):
+      lam, start = half_point(cal_sweep, cal_full, FLAGS.max_drop, zz)
+      cases.append((name, f"{label} λ={lam:.3g}", np.full(n, lam), np.full(n, start)))
     if name == "bops":
       for b in budgets:
         point = evaluate.budget_point(f, tables["cal"], b)
@@ -214,11 +237,12 @@ def main(argv):
     print(f"| {name} | {label} | {row['start']} | {row['img_per_s']:.0f} | {row['speedup']:.2f}x | {100 * acc:.2f}"
           f" | {100 * row['accuracy_drop']:.2f} | {bops_cost:.3f} | {mism}/{len(test_y)} |")
 
-  halves = [r for r in rows if r["lambda"].startswith("half")]
+  halves = [r for r in rows if r["lambda"].startswith("half point")]
   best = max(halves, key=lambda r: r["speedup"])
   print(json.dumps({"device": device, "backend": jax.default_backend(), "full_img_per_s": full_ips,
                     "full_accuracy": full_acc, "speedup_at_half_point": best["speedup"],
                     "cost_model": best["cost_model"], "accuracy_drop": best["accuracy_drop"],
+                    "half_point_z": z,
                     "block_us_per_sample": block_us, "rows": rows}))
 
 

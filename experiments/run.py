@@ -253,6 +253,11 @@ def run(c: ml_collections.ConfigDict, workdir: str, stages=STAGES) -> dict[str, 
     nonlocal params
     if params is None:
       params = trained_params(c, plan, splits, wd, timings)
+      # Before anything runs quantized levels here (accuracy table, state tables).
+      line = q.device_check.check_accelerator(models.backbone(model), params, plan.ladder,
+                                              splits.test.images[:256])
+      if line:
+        print(line)
     return params
 
   if {"backbone", "exit_heads"} & set(plan.stages):
@@ -335,7 +340,7 @@ if __name__ == "__main__":
     pylogging.getLogger("quee_jax").setLevel(pylogging.INFO)
     try:
       run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.stages)
-    except ValueError as e:  # bad input: the message says what to change
+    except (ValueError, q.device_check.DeviceMismatch) as e:  # the message says what to change
       sys.exit(f"error: {e}")
 
   def parse_flags(argv):

@@ -15,10 +15,11 @@ Public API (see README.md and docs/method.md):
   features, targets, predictor, policy, baselines, diagnostics, metrics: QuEE itself
   evaluate     every method on fit / cal / test tables -> results.json
   runtime      Runner: real adaptive inference that skips what the policy skips; latency costs
+  device_check does an accelerator compute every level as the CPU does?
 """
 
-from quee_jax import (baselines, collect, cost, data, diagnostics, evaluate, features, metrics,
-                      paths, plotting, policy, precision, predictor, report, runtime, synthetic,
+from quee_jax import (baselines, collect, cost, data, device_check, diagnostics, evaluate,
+                      features, metrics, paths, plotting, policy, precision, predictor, report, runtime, synthetic,
                       table, targets, train, wheels)
 from quee_jax.backbone import Backbone
 from quee_jax.collect import collect_table, make_collect_fn, softmax_features, state_outputs

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -240,8 +241,10 @@ def test_bench_runtime_on_a_finished_workdir(finished, tmp_path):
     assert key in report, key
   assert report["cost_model"] in ("bops", "latency") and report["full_img_per_s"] > 0
   names = {(r["cost_model"], r["lambda"].split(" λ")[0]) for r in report["rows"]}
-  assert {("bops", "λ=0"), ("bops", "half point"), ("bops", "budget 0.5"),
-          ("latency", "half point"), ("latency", "test-chosen cost<=0.6")} <= names
+  assert {("bops", "λ=0"), ("bops", "half point"), ("bops", "mean-only half point"),
+          ("bops", "budget 0.5"), ("latency", "half point"),
+          ("latency", "test-chosen cost<=0.6")} <= names
+  assert report["half_point_z"] == 1.645  # the config's eval.fallback_z
   for row in report["rows"]:  # 200 test images: the runner decides as the simulation does
     assert row["mismatches"] <= 2, row
     assert row["start"] in ("float", "w8a8", "w4a4", "w2a4"), row
@@ -249,10 +252,29 @@ def test_bench_runtime_on_a_finished_workdir(finished, tmp_path):
   # A directory that no finished run wrote, or a cost that is not one, is refused with a
   # message, not a traceback.
   for args, key in ((["--workdir", str(tmp_path)], "workdir"),
-                    (["--workdir", str(workdir), "--test_chosen=half"], "--test_chosen")):
+                    (["--workdir", str(workdir), "--test_chosen=half"], "--test_chosen"),
+                    (["--workdir", str(workdir), "--half_point_z=-1"], "--half_point_z")):
     out = subprocess.run([sys.executable, "-m", "experiments.bench_runtime", *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and f"error: {key}:" in out.stderr, out.stderr[-2000:]
+
+
+def test_half_point_needs_confidence_that_the_drop_is_within_bounds():
+  from experiments.bench_runtime import half_point
+  rng = np.random.default_rng(0)
+  full = rng.random(2000) < 0.8
+  # cheap: the same accuracy as the full model's, but right on other samples (noisy);
+  # mid: wrong on 4 of the samples the full model gets right (a small, certain drop);
+  # the full model's own point, dearest.
+  cheap = rng.random(2000) < 0.8
+  mid = full.copy()
+  mid[np.flatnonzero(full)[:4]] = False
+  sweep = types.SimpleNamespace(correct=np.stack([cheap, mid, full]), lambdas=np.array([3., 1., 0.]),
+                                starts=np.array([2, 1, 0]),
+                                mean_cost=lambda: np.array([0.1, 0.5, 1.0]))
+  assert half_point(sweep, full, 0.005, z=0.0) == (3.0, 2)  # the mean alone takes the noise
+  assert half_point(sweep, full, 0.005, z=1.645) == (1.0, 1)
+  assert half_point(sweep, full, 0.001, z=1.645) == (0.0, 0)  # only the full model is sure
 
 
 def test_in_sample_ceiling_on_a_finished_workdir(finished, tmp_path):

@@ -1,0 +1,95 @@
+"""Does an accelerator compute every precision level as the CPU does?
+
+Quantized matmuls lower to integer kernels (s8 x s8 -> s32) that each backend
+implements its own way. A wrong kernel raises no error, only gives wrong
+logits, and a state table or runtime built on it is silently wrong. (Seen once:
+on an H100 with jax 0.11.2 and XLA autotuning off, the runtime's mixed-level
+operating point got 37.5% of Fashion-MNIST test right and disagreed with the
+state tables on 70% of samples; the cause was not isolated.) So the scripts
+that run on an accelerator first run the backbone at every level on a few real
+inputs there and on the host's CPU (every jaxlib has one) and compare the
+predicted classes at every exit. Float matmuls run at full float32 precision
+there (no TF32), so what remains is float rounding, which a quantizer can still
+amplify into another integer: a few flips are normal, a broken level disagrees
+on most samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from quee_jax import precision
+from quee_jax.backbone import Backbone, Params, exit_logits
+
+MIN_AGREEMENT = 0.95
+
+
+class DeviceMismatch(RuntimeError):
+  """A device computes some precision level unlike the reference device."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelCheck:
+  """How one level's exits on the device agree with the reference device's."""
+
+  level: str
+  agreement: float       # fraction of (exit, sample) pairs with the same predicted class
+  max_logit_diff: float  # the largest |logit difference|
+
+
+def level_logits(backbone: Backbone, params: Params, ladder, inputs, device) -> dict[str, np.ndarray]:
+  """Every exit's logits [exits, N, C] at each level, every block at that level, on `device`."""
+  params, inputs = jax.device_put((params, np.asarray(inputs)), device)
+  out = {}
+  for lv in precision.parse_ladder(ladder):
+    fn = jax.jit(lambda p, x, lv=lv: exit_logits(backbone, p, x, (lv,) * backbone.num_blocks))
+    with jax.default_matmul_precision("float32"):  # TF32 is not what this looks for
+      out[lv.name] = np.asarray(fn(params, inputs))
+  return out
+
+
+def compare(logits: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> list[LevelCheck]:
+  """Per level: agreement of the predicted classes and the largest logit difference."""
+  if set(logits) != set(reference):
+    raise ValueError(f"reference: expected the levels {sorted(logits)}, got {sorted(reference)}")
+  out = []
+  for name, a in logits.items():
+    b = reference[name]
+    if a.shape != b.shape:
+      raise ValueError(f"reference: level {name} has logits of shape {b.shape}, expected {a.shape}")
+    same = np.argmax(a, -1) == np.argmax(b, -1)
+    out.append(LevelCheck(name, float(same.mean()), float(np.abs(a - b).max())))
+  return out
+
+
+def check_device(backbone: Backbone, params: Params, ladder, inputs, device=None,
+                 reference=None, min_agreement: float = MIN_AGREEMENT) -> list[LevelCheck]:
+  """Compares every level on `device` (default: the default device) with `reference` (default:
+  the host's CPU); DeviceMismatch naming the levels whose predictions agree on fewer than
+  min_agreement of the (exit, sample) pairs. Returns the checks (on a CPU, against itself)."""
+  device = device or jax.devices()[0]
+  reference = reference or jax.devices("cpu")[0]
+  checks = compare(level_logits(backbone, params, ladder, inputs, device),
+                   level_logits(backbone, params, ladder, inputs, reference))
+  bad = [c for c in checks if c.agreement < min_agreement]
+  if bad:
+    raise DeviceMismatch(
+        f"{device.device_kind} computes these levels unlike {reference.device_kind}: "
+        + "; ".join(f"{c.level} agrees on {100 * c.agreement:.1f}% of predictions"
+                    f" (max |logit diff| {c.max_logit_diff:.3g})" for c in bad)
+        + f" on {len(np.asarray(inputs))} inputs. Its quantized kernels give wrong results here;"
+        " tables and runtimes built on it would be wrong. Run on another device or jax version.")
+  return checks
+
+
+def check_accelerator(backbone: Backbone, params: Params, ladder, inputs) -> str | None:
+  """On an accelerator, `check_device` against the CPU; returns a line saying how every level
+  agreed (None on a CPU, where there is nothing to compare)."""
+  if jax.default_backend() == "cpu":
+    return None
+  checks = check_device(backbone, params, ladder, inputs)
+  return (f"device check against the CPU on {len(np.asarray(inputs))} inputs, predictions"
+          " agreeing: " + ", ".join(f"{c.level} {100 * c.agreement:.1f}%" for c in checks))

@@ -1,0 +1,51 @@
+"""The device check: a device that computes a level unlike the CPU is refused by name."""
+
+import jax
+import numpy as np
+import pytest
+
+from quee_jax import device_check
+from conftest import images
+
+LADDER = "float,w8a8,w4a4"
+
+
+def test_the_cpu_agrees_with_itself_on_every_level(tiny):
+  _, params, bb = tiny
+  checks = device_check.check_device(bb, params, LADDER, images(64))
+  assert [c.level for c in checks] == ["float", "w8a8", "w4a4"]
+  assert all(c.agreement == 1.0 and c.max_logit_diff == 0.0 for c in checks)
+  assert device_check.check_accelerator(bb, params, LADDER, images(8)) is None  # nothing to compare
+
+
+def test_compare_counts_flipped_predictions_per_level():
+  rng = np.random.default_rng(0)
+  ref = {"float": rng.normal(size=(3, 40, 5)), "w4a4": rng.normal(size=(3, 40, 5))}
+  got = {"float": ref["float"] + 1e-6, "w4a4": ref["w4a4"].copy()}
+  got["w4a4"][1, :10] = -got["w4a4"][1, :10]  # 10 of 120 (exit, sample) pairs: argmax moves
+  flipped = (np.argmax(got["w4a4"], -1) != np.argmax(ref["w4a4"], -1)).sum()
+  checks = {c.level: c for c in device_check.compare(got, ref)}
+  assert checks["float"].agreement == 1.0 and checks["float"].max_logit_diff < 1e-5
+  assert checks["w4a4"].agreement == pytest.approx(1 - flipped / 120) and flipped >= 8
+  with pytest.raises(ValueError, match="reference: expected the levels"):
+    device_check.compare(got, {"float": ref["float"]})
+
+
+def test_a_device_with_a_wrong_level_is_refused_by_name(tiny, monkeypatch):
+  _, params, bb = tiny
+  real = device_check.level_logits
+  cpu = jax.devices("cpu")[0]
+  calls = []
+
+  def broken_on_first_call(backbone, params, ladder, inputs, device):
+    """The first call plays the device under test: its w8a8 logits are scrambled."""
+    out = real(backbone, params, ladder, inputs, device)
+    if not calls:
+      out["w8a8"] = np.random.default_rng(0).normal(size=out["w8a8"].shape)
+    calls.append(device)
+    return out
+
+  monkeypatch.setattr(device_check, "level_logits", broken_on_first_call)
+  with pytest.raises(device_check.DeviceMismatch, match=r"w8a8 agrees on \d+\.\d% of predictions") as e:
+    device_check.check_device(bb, params, LADDER, images(64), device=cpu, reference=cpu)
+  assert "float" not in str(e.value) and "w4a4" not in str(e.value)
