@@ -20,7 +20,9 @@ it times, after warm-up, as the median of several repetitions:
     given cost: what a perfect choice would reach (an upper bound, not a result).
 For each it prints images/s, the ratio to the full model, test accuracy,
 counted cost, and how many samples' exit, level history and prediction differ
-from the simulated policy on the test state table (`policy.simulate`).
+from the simulated policy on the test state table (`policy.simulate`); more
+than 2% in any row exits with an error after the report. On an accelerator it
+first compares every level there with the host CPU (`quee_jax.device_check`).
 
 The last line is a JSON object: device, full_img_per_s, speedup_at_half_point
 (the confident half point of the better cost model, named in cost_model),
@@ -62,6 +64,11 @@ flags.DEFINE_list("test_chosen", [], "Also time, under the latency cost model, t
                   " most accurate on TEST among those whose counted test cost is at most each of"
                   " these: an upper bound on what any rule choosing on cal reaches (a diagnostic,"
                   " never a result).")
+
+
+# The share of test samples on which the runner may differ from the simulation before the
+# bench calls its run wrong.
+MAX_MISMATCH = 0.02
 
 
 def load_workdir(workdir: str):
@@ -244,6 +251,15 @@ def main(argv):
                     "cost_model": best["cost_model"], "accuracy_drop": best["accuracy_drop"],
                     "half_point_z": z,
                     "block_us_per_sample": block_us, "rows": rows}))
+  # Float rounding that depends on the batch shape moves ~0.1% of samples (README); far more
+  # means the runner computed something else than the tables: its timings are not the policy's.
+  off = [r for r in rows if r["mismatches"] > MAX_MISMATCH * n]
+  if off:
+    sys.exit("error: the runner differs from the simulated policy on "
+             + ", ".join(f"{100 * r['mismatches'] / n:.1f}% of samples at {r['cost_model']} "
+                         f"{r['lambda']}" for r in off)
+             + f" (more than {100 * MAX_MISMATCH:g}%): it computed some level unlike the state"
+             " tables (collected on another kind of device, or a kernel that is wrong here)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The experiment entry point: configs, config checks, the pipeline, skipping and resuming."""
 
+import dataclasses
 import importlib
 import json
 import os
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import quee_jax as q
 from experiments import run as run_lib
 from test_vit_import import big_vision_checkpoint
 
@@ -249,6 +251,17 @@ def test_bench_runtime_on_a_finished_workdir(finished, tmp_path):
     assert row["mismatches"] <= 2, row
     assert row["start"] in ("float", "w8a8", "w4a4", "w2a4"), row
   assert set(report["block_us_per_sample"]) == {"float", "w8a8", "w4a4", "w2a4"}
+  # Test tables that no longer say what the model computes: the runner differs from the
+  # simulation on most samples, and the bench says so instead of reporting speedups.
+  wrong = tmp_path / "wrong"
+  subprocess.run(["cp", "-r", str(workdir), str(wrong)], check=True)
+  table = q.load_table(str(wrong / "tables" / "test"))
+  q.save_table(dataclasses.replace(table, pred=(table.pred + 1) % 10), str(wrong / "tables" / "test"))
+  out = subprocess.run([sys.executable, "-m", "experiments.bench_runtime", "--workdir", str(wrong),
+                        "--reps=1", "--max_batch=64", "--budgets=0.5"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode != 0 and "error: the runner differs from the simulated policy on" in out.stderr
+  assert json.loads(out.stdout.strip().splitlines()[-1])["rows"]  # the report came first
   # A directory that no finished run wrote, or a cost that is not one, is refused with a
   # message, not a traceback.
   for args, key in ((["--workdir", str(tmp_path)], "workdir"),
