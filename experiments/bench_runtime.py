@@ -171,12 +171,6 @@ def main(argv):
   device = jax.devices()[0].device_kind
   print(f"device: {device} ({jax.default_backend()}, {len(jax.local_devices())} device(s));"
         f" {len(test_y)} test images; predictors {FLAGS.variant} seed {seed}")
-  try:  # timing programs that compute wrong numbers would be pointless
-    line = device_check.check_accelerator(bb, params, plan.ladder, test_x[:256])
-  except device_check.DeviceMismatch as e:
-    sys.exit(f"error: {e}")
-  if line:
-    print(line)
 
   full = full_model_fn(bb, params, full_level)
   full_pred = classify_full(full, test_x, test_y, FLAGS.max_batch)
@@ -187,6 +181,13 @@ def main(argv):
         f" test accuracy {100 * full_acc:.2f}%")
 
   gating = runtime.gating_from_fitted(fitted, plan.eval.predictor.level)
+  if jax.default_backend() != "cpu":  # timing programs that compute wrong numbers is pointless
+    try:
+      print(device_check.summary(device_check.check_device(bb, params, plan.ladder, test_x[:256]) + [
+          device_check.check_predictor(gating.predictor_level, fam.num_gates, gating.num_features,
+                                       np.shape(gating.predictor["w1"])[-1], len(fam.candidates))]))
+    except device_check.DeviceMismatch as e:
+      sys.exit(f"error: {e}")
   runner = runtime.Runner(bb, params, plan.ladder, gating, input_shape=test_x.shape[1:],
                           input_dtype=test_x.dtype, max_batch=FLAGS.max_batch,
                           lanes_per_device=FLAGS.lanes_per_device)

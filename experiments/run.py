@@ -253,11 +253,9 @@ def run(c: ml_collections.ConfigDict, workdir: str, stages=STAGES) -> dict[str, 
     nonlocal params
     if params is None:
       params = trained_params(c, plan, splits, wd, timings)
-      # Before anything runs quantized levels here (accuracy table, state tables).
-      line = q.device_check.check_accelerator(models.backbone(model), params, plan.ladder,
-                                              splits.test.images[:256])
-      if line:
-        print(line)
+      if jax.default_backend() != "cpu":  # before the accuracy table and state tables run levels
+        print(q.device_check.summary(q.device_check.check_device(
+            models.backbone(model), params, plan.ladder, splits.test.images[:256])))
     return params
 
   if {"backbone", "exit_heads"} & set(plan.stages):
@@ -300,6 +298,12 @@ def run(c: ml_collections.ConfigDict, workdir: str, stages=STAGES) -> dict[str, 
   results_path = os.path.join(wd, "results.json")
   eval_key = st["eval"]
   if "evaluate" in plan.stages and not made_with(results_path, "eval", eval_key):
+    if jax.default_backend() != "cpu":  # the predictors predict at their level here
+      t, pc = tables["test"], plan.eval.predictor
+      summary_dim = 0 if t.summary is None else t.summary.shape[-1]
+      print(q.device_check.summary([q.device_check.check_predictor(
+          pc.level, t.family.num_gates, q.features.num_features(t.family, summary_dim), pc.hidden,
+          len(t.family.candidates))]))
     t0 = time.time()
     # Runs already saved under predictors/ for these tables and settings are loaded.
     results = evaluate.evaluate(tables["fit"], tables["cal"], tables["test"], plan.eval,

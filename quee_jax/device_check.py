@@ -8,7 +8,8 @@ operating point got 37.5% of Fashion-MNIST test right and disagreed with the
 state tables on 70% of samples; the cause was not isolated.) So the scripts
 that run on an accelerator first run the backbone at every level on a few real
 inputs there and on the host's CPU (every jaxlib has one) and compare the
-predicted classes at every exit. Float matmuls run at full float32 precision
+predicted classes at every exit, and do the same for the error predictors at
+their level (random weights). Float matmuls run at full float32 precision
 there (no TF32), so what remains is float rounding, which a quantizer can still
 amplify into another integer: a few flips are normal, a broken level disagrees
 on most samples.
@@ -21,10 +22,11 @@ import dataclasses
 import jax
 import numpy as np
 
-from quee_jax import precision
+from quee_jax import precision, predictor
 from quee_jax.backbone import Backbone, Params, exit_logits
 
 MIN_AGREEMENT = 0.95
+PROB_TOLERANCE = 0.02
 
 
 class DeviceMismatch(RuntimeError):
@@ -35,9 +37,10 @@ class DeviceMismatch(RuntimeError):
 class LevelCheck:
   """How one level's exits on the device agree with the reference device's."""
 
-  level: str
-  agreement: float       # fraction of (exit, sample) pairs with the same predicted class
-  max_logit_diff: float  # the largest |logit difference|
+  level: str        # a backbone level, or "predictor@<level>"
+  agreement: float  # backbone: fraction of (exit, sample) pairs with the same predicted class;
+                    # predictor: fraction of predicted probabilities within PROB_TOLERANCE
+  max_diff: float   # the largest |difference| of the logits (backbone) or probabilities
 
 
 def level_logits(backbone: Backbone, params: Params, ladder, inputs, device) -> dict[str, np.ndarray]:
@@ -74,22 +77,43 @@ def check_device(backbone: Backbone, params: Params, ladder, inputs, device=None
   reference = reference or jax.devices("cpu")[0]
   checks = compare(level_logits(backbone, params, ladder, inputs, device),
                    level_logits(backbone, params, ladder, inputs, reference))
-  bad = [c for c in checks if c.agreement < min_agreement]
-  if bad:
-    raise DeviceMismatch(
-        f"{device.device_kind} computes these levels unlike {reference.device_kind}: "
-        + "; ".join(f"{c.level} agrees on {100 * c.agreement:.1f}% of predictions"
-                    f" (max |logit diff| {c.max_logit_diff:.3g})" for c in bad)
-        + f" on {len(np.asarray(inputs))} inputs. Its quantized kernels give wrong results here;"
-        " tables and runtimes built on it would be wrong. Run on another device or jax version.")
+  _refuse([c for c in checks if c.agreement < min_agreement], device, reference,
+          len(np.asarray(inputs)))
   return checks
 
 
-def check_accelerator(backbone: Backbone, params: Params, ladder, inputs) -> str | None:
-  """On an accelerator, `check_device` against the CPU; returns a line saying how every level
-  agreed (None on a CPU, where there is nothing to compare)."""
-  if jax.default_backend() == "cpu":
-    return None
-  checks = check_device(backbone, params, ladder, inputs)
-  return (f"device check against the CPU on {len(np.asarray(inputs))} inputs, predictions"
-          " agreeing: " + ", ".join(f"{c.level} {100 * c.agreement:.1f}%" for c in checks))
+def check_predictor(level: str, num_gates: int, num_features: int, hidden: int,
+                    num_candidates: int, num_inputs: int = 256, device=None, reference=None,
+                    min_agreement: float = MIN_AGREEMENT) -> LevelCheck:
+  """Error predictors of this shape at `level` (`predictor.predict`, random weights and inputs:
+  a kernel's correctness does not hang on them) on `device` and on `reference` (defaults as
+  `check_device`); DeviceMismatch if fewer than min_agreement of the predicted probabilities
+  agree within PROB_TOLERANCE."""
+  device = device or jax.devices()[0]
+  reference = reference or jax.devices("cpu")[0]
+  params = predictor.init(jax.random.key(0), num_gates, num_features, num_candidates, hidden)
+  x = np.random.default_rng(0).normal(size=(num_gates, num_inputs, num_features)).astype(np.float32)
+  outs = []
+  for d in (device, reference):
+    with jax.default_device(d), jax.default_matmul_precision("float32"):
+      outs.append(predictor.predict(params, x, np.arange(num_gates), level))
+  diff = np.abs(outs[0] - outs[1])
+  check = LevelCheck(f"predictor@{level}", float((diff <= PROB_TOLERANCE).mean()), float(diff.max()))
+  _refuse([check] if check.agreement < min_agreement else [], device, reference, num_inputs)
+  return check
+
+
+def _refuse(bad: list[LevelCheck], device, reference, num_inputs: int) -> None:
+  if bad:
+    raise DeviceMismatch(
+        f"{device.device_kind} computes these levels unlike {reference.device_kind}: "
+        + "; ".join(f"{c.level} agrees on {100 * c.agreement:.1f}% of its outputs"
+                    f" (max |diff| {c.max_diff:.3g})" for c in bad)
+        + f" on {num_inputs} inputs. Its quantized kernels give wrong results here;"
+        " tables and runtimes built on it would be wrong. Run on another device or jax version.")
+
+
+def summary(checks: list[LevelCheck]) -> str:
+  """One line: how each check agreed."""
+  return "device check against the CPU, outputs agreeing: " + ", ".join(
+      f"{c.level} {100 * c.agreement:.1f}%" for c in checks)

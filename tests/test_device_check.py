@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from quee_jax import device_check
+from quee_jax import device_check, predictor
 from conftest import images
 
 LADDER = "float,w8a8,w4a4"
@@ -14,8 +14,8 @@ def test_the_cpu_agrees_with_itself_on_every_level(tiny):
   _, params, bb = tiny
   checks = device_check.check_device(bb, params, LADDER, images(64))
   assert [c.level for c in checks] == ["float", "w8a8", "w4a4"]
-  assert all(c.agreement == 1.0 and c.max_logit_diff == 0.0 for c in checks)
-  assert device_check.check_accelerator(bb, params, LADDER, images(8)) is None  # nothing to compare
+  assert all(c.agreement == 1.0 and c.max_diff == 0.0 for c in checks)
+  assert device_check.summary(checks).endswith("float 100.0%, w8a8 100.0%, w4a4 100.0%")
 
 
 def test_compare_counts_flipped_predictions_per_level():
@@ -25,7 +25,7 @@ def test_compare_counts_flipped_predictions_per_level():
   got["w4a4"][1, :10] = -got["w4a4"][1, :10]  # 10 of 120 (exit, sample) pairs: argmax moves
   flipped = (np.argmax(got["w4a4"], -1) != np.argmax(ref["w4a4"], -1)).sum()
   checks = {c.level: c for c in device_check.compare(got, ref)}
-  assert checks["float"].agreement == 1.0 and checks["float"].max_logit_diff < 1e-5
+  assert checks["float"].agreement == 1.0 and checks["float"].max_diff < 1e-5
   assert checks["w4a4"].agreement == pytest.approx(1 - flipped / 120) and flipped >= 8
   with pytest.raises(ValueError, match="reference: expected the levels"):
     device_check.compare(got, {"float": ref["float"]})
@@ -46,6 +46,21 @@ def test_a_device_with_a_wrong_level_is_refused_by_name(tiny, monkeypatch):
     return out
 
   monkeypatch.setattr(device_check, "level_logits", broken_on_first_call)
-  with pytest.raises(device_check.DeviceMismatch, match=r"w8a8 agrees on \d+\.\d% of predictions") as e:
+  with pytest.raises(device_check.DeviceMismatch, match=r"w8a8 agrees on \d+\.\d% of its outputs") as e:
     device_check.check_device(bb, params, LADDER, images(64), device=cpu, reference=cpu)
   assert "float" not in str(e.value) and "w4a4" not in str(e.value)
+
+
+def test_the_predictor_at_its_level_agrees_with_itself_and_a_wrong_one_is_refused(monkeypatch):
+  check = device_check.check_predictor("w8a8", 3, 7, 16, 5, num_inputs=64)
+  assert check.level == "predictor@w8a8" and check.agreement == 1.0 and check.max_diff == 0.0
+  real, calls = predictor.predict, []
+
+  def wrong_on_first_call(*args, **kw):
+    out = real(*args, **kw)
+    calls.append(1)
+    return 1 - out if len(calls) == 1 else out
+
+  monkeypatch.setattr(predictor, "predict", wrong_on_first_call)
+  with pytest.raises(device_check.DeviceMismatch, match=r"predictor@w8a8 agrees on"):
+    device_check.check_predictor("w8a8", 3, 7, 16, 5, num_inputs=64)

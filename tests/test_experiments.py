@@ -10,6 +10,7 @@ import sys
 import time
 import types
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -170,6 +171,20 @@ def test_every_config_runs_each_stage_on_mock_data(name, variant, tmp_path, caps
   assert results["dataset"] == c.dataset and "quee" in results["methods"]
   assert (tmp_path / "wd" / "curves.png").exists()
   assert "| quee |" in capsys.readouterr().out
+
+
+def test_pipeline_checks_an_accelerator_against_the_cpu_first(tmp_path, capsys, monkeypatch):
+  # The CPU stands in for the accelerator here, so every check agrees fully.
+  c = get_config("fashion_mnist")
+  shrink(c, patch=7)
+  c.source = "tfds"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with tfds.testing.mock_data(num_examples=200):
+    run_lib.run(c, str(tmp_path / "wd"))
+  out = capsys.readouterr().out
+  assert ("device check against the CPU, outputs agreeing: float 100.0%, w8a8 100.0%,"
+          " w4a4 100.0%, w2a4 100.0%") in out
+  assert "outputs agreeing: predictor@w8a8 100.0%" in out
 
 
 TINY = ["--config.model.dim=16", "--config.model.mlp_dim=32", "--config.model.depth=2",
