@@ -35,7 +35,7 @@ class DeviceMismatch(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class LevelCheck:
-  """How one level's exits on the device agree with the reference device's."""
+  """How the outputs of one level (or of the predictors) agree on the device and the reference."""
 
   level: str        # a backbone level, or "predictor@<level>"
   agreement: float  # backbone: fraction of (exit, sample) pairs with the same predicted class;
@@ -91,7 +91,9 @@ def check_predictor(level: str, num_gates: int, num_features: int, hidden: int,
   agree within PROB_TOLERANCE."""
   device = device or jax.devices()[0]
   reference = reference or jax.devices("cpu")[0]
-  params = predictor.init(jax.random.key(0), num_gates, num_features, num_candidates, hidden)
+  # Host copies, so that each run puts everything on its own device.
+  params = jax.tree.map(np.asarray, predictor.init(jax.random.key(0), num_gates, num_features,
+                                                   num_candidates, hidden))
   x = np.random.default_rng(0).normal(size=(num_gates, num_inputs, num_features)).astype(np.float32)
   outs = []
   for d in (device, reference):
