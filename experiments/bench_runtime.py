@@ -183,7 +183,7 @@ def main(argv):
   gating = runtime.gating_from_fitted(fitted, plan.eval.predictor.level)
   if jax.default_backend() != "cpu":  # timing programs that compute wrong numbers is pointless
     try:
-      print(device_check.summary(device_check.check_device(bb, params, plan.ladder, test_x[:256]) + [
+      print(device_check.summary(device_check.check_device(bb, params, plan.ladder, test_x) + [
           device_check.check_predictor(gating.predictor_level, fam.num_gates, gating.num_features,
                                        np.shape(gating.predictor["w1"])[-1], len(fam.candidates))]))
     except device_check.DeviceMismatch as e:

@@ -255,7 +255,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, stages=STAGES) -> dict[str, 
       params = trained_params(c, plan, splits, wd, timings)
       if jax.default_backend() != "cpu":  # before the accuracy table and state tables run levels
         print(q.device_check.summary(q.device_check.check_device(
-            models.backbone(model), params, plan.ladder, splits.test.images[:256])))
+            models.backbone(model), params, plan.ladder, splits.test.images)))
     return params
 
   if {"backbone", "exit_heads"} & set(plan.stages):

@@ -19,8 +19,8 @@ Public API (see README.md and docs/method.md):
 """
 
 from quee_jax import (baselines, collect, cost, data, device_check, diagnostics, evaluate,
-                      features, metrics, paths, plotting, policy, precision, predictor, report, runtime, synthetic,
-                      table, targets, train, wheels)
+                      features, metrics, paths, plotting, policy, precision, predictor, report,
+                      runtime, synthetic, table, targets, train, wheels)
 from quee_jax.backbone import Backbone
 from quee_jax.collect import collect_table, make_collect_fn, softmax_features, state_outputs
 from quee_jax.cost import CostTable, MacCount, backbone_costs, bops, count_macs

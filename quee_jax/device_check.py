@@ -27,6 +27,7 @@ from quee_jax.backbone import Backbone, Params, exit_logits
 
 MIN_AGREEMENT = 0.95
 PROB_TOLERANCE = 0.02
+NUM_INPUTS = 256  # real inputs (backbone) or random rows per gate (predictors) compared
 
 
 class DeviceMismatch(RuntimeError):
@@ -68,23 +69,25 @@ def compare(logits: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> 
   return out
 
 
-def check_device(backbone: Backbone, params: Params, ladder, inputs, device=None,
-                 reference=None, min_agreement: float = MIN_AGREEMENT) -> list[LevelCheck]:
-  """Compares every level on `device` (default: the default device) with `reference` (default:
-  the host's CPU); DeviceMismatch naming the levels whose predictions agree on fewer than
-  min_agreement of the (exit, sample) pairs. Returns the checks (on a CPU, against itself)."""
+def check_device(backbone: Backbone, params: Params, ladder, inputs, num_inputs: int = NUM_INPUTS,
+                 device=None, reference=None, min_agreement: float = MIN_AGREEMENT
+                 ) -> list[LevelCheck]:
+  """Compares every level on the first num_inputs of `inputs` on `device` (default: the default
+  device) with `reference` (default: the host's CPU); DeviceMismatch naming the levels whose
+  predictions agree on fewer than min_agreement of the (exit, sample) pairs. Returns the
+  checks (on a CPU, against itself)."""
   device = device or jax.devices()[0]
   reference = reference or jax.devices("cpu")[0]
+  inputs = np.asarray(inputs[:num_inputs])
   checks = compare(level_logits(backbone, params, ladder, inputs, device),
                    level_logits(backbone, params, ladder, inputs, reference))
-  _refuse([c for c in checks if c.agreement < min_agreement], device, reference,
-          len(np.asarray(inputs)))
+  _refuse([c for c in checks if c.agreement < min_agreement], device, reference, len(inputs))
   return checks
 
 
 def check_predictor(level: str, num_gates: int, num_features: int, hidden: int,
-                    num_candidates: int, num_inputs: int = 256, device=None, reference=None,
-                    min_agreement: float = MIN_AGREEMENT) -> LevelCheck:
+                    num_candidates: int, num_inputs: int = NUM_INPUTS, device=None,
+                    reference=None, min_agreement: float = MIN_AGREEMENT) -> LevelCheck:
   """Error predictors of this shape at `level` (`predictor.predict`, random weights and inputs:
   a kernel's correctness does not hang on them) on `device` and on `reference` (defaults as
   `check_device`); DeviceMismatch if fewer than min_agreement of the predicted probabilities
