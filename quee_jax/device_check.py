@@ -2,17 +2,18 @@
 
 Quantized matmuls lower to integer kernels (s8 x s8 -> s32) that each backend
 implements its own way. A wrong kernel raises no error, only gives wrong
-logits, and a state table or runtime built on it is silently wrong. (Seen once:
-on an H100 with jax 0.11.2 and XLA autotuning off, the runtime's mixed-level
-operating point got 37.5% of Fashion-MNIST test right and disagreed with the
-state tables on 70% of samples; the cause was not isolated.) So the scripts
-that run on an accelerator first run the backbone at every level on a few real
-inputs there and on the host's CPU (every jaxlib has one) and compare the
-predicted classes at every exit, and do the same for the error predictors at
-their level (random weights). Float matmuls run at full float32 precision
-there (no TF32), so what remains is float rounding, which a quantizer can still
-amplify into another integer: a few flips are normal, a broken level disagrees
-on most samples.
+logits, and a state table or runtime built on it is silently wrong. (Seen on an
+H100 with jax 0.11.2: XLA's Triton GEMM computed the error predictors' w8a8
+dot, [N, 33] x [33, 16], wrong, and with autotuning off every quantized level
+of the ViT; the runtime then got 37.5% of Fashion-MNIST test right. cuBLAS
+computes them right, so `quee_jax.precision` turns Triton GEMM off; this check
+catches the next such kernel.) So the scripts that run on an accelerator first
+run the backbone at every level on a few real inputs there and on the host's
+CPU (every jaxlib has one) and compare the predicted classes at every exit, and
+do the same for the error predictors at their level (random weights). Float
+matmuls run at full float32 precision there (no TF32), so what remains is float
+rounding, which a quantizer can still amplify into another integer: a few flips
+are normal, a broken level disagrees on most samples.
 """
 
 from __future__ import annotations
@@ -115,7 +116,9 @@ def _refuse(bad: list[LevelCheck], device, reference, num_inputs: int) -> None:
         + "; ".join(f"{c.level} agrees on {100 * c.agreement:.1f}% of its outputs"
                     f" (max |diff| {c.max_diff:.3g})" for c in bad)
         + f" on {num_inputs} inputs. Its quantized kernels give wrong results here;"
-        " tables and runtimes built on it would be wrong. Run on another device or jax version.")
+        " tables and runtimes built on it would be wrong. On NVIDIA GPUs, check that XLA_FLAGS"
+        f" holds {precision.TRITON_GEMM_FLAG}=false (quee_jax sets it when imported before jax"
+        " starts); else run on another device or jax version.")
 
 
 def summary(checks: list[LevelCheck]) -> str:

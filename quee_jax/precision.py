@@ -15,12 +15,23 @@ Quantization choices (post-training, no calibration data):
     w4a8 lower to one s8 x s8 -> s32 dot instead of a slow s32 one;
   * attention QK^T and AV multiply two activations: both sides are quantized at
     the activation bits (`einsum(..., both_activations=True)`).
+
+On NVIDIA GPUs, XLA's Triton GEMM emitter computes some s8 x s8 -> s32 dots
+wrong (measured on an H100 with jax 0.11.2: a plain `lax.dot_general` of
+[256, 33] x [33, 16] int8 matched the exact product on 0% of outputs; with
+autotuning off, every quantized level of the ViT was wrong), while cuBLAS gets
+all of them right. So importing this module adds
+`--xla_gpu_enable_triton_gemm=false` to XLA_FLAGS unless the user set that flag
+themselves. XLA reads XLA_FLAGS when jax starts its backends, so this takes
+effect when quee_jax is imported before the first computation;
+`quee_jax.device_check` catches what gets through.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 from typing import Callable, Sequence
 
@@ -37,6 +48,19 @@ MAX_BITS = 8
 ACT_X_ACT_SCOPE = "quee_act_x_act"
 
 _LEVEL_RE = re.compile(r"^w(\d+)a(\d+)$")
+
+TRITON_GEMM_FLAG = "--xla_gpu_enable_triton_gemm"
+
+
+def xla_flags_avoiding_triton_gemm(flags: str | None) -> str:
+  """XLA_FLAGS with Triton GEMM off (module docstring), unless `flags` already sets it."""
+  flags = (flags or "").strip()
+  if TRITON_GEMM_FLAG in flags:  # the user's choice stands
+    return flags
+  return f"{flags} {TRITON_GEMM_FLAG}=false".strip()
+
+
+os.environ["XLA_FLAGS"] = xla_flags_avoiding_triton_gemm(os.environ.get("XLA_FLAGS"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,3 +123,25 @@ def test_quantization_error_shrinks_with_bits():
   assert errs["w2a8"] > errs["w4a4"] > errs["w8a8"] > 0, errs
   assert errs["w4a4"] > errs["w4a8"] > errs["w8a8"], errs
   assert errs["w8a8"] < 0.05, errs
+
+
+@pytest.mark.parametrize("before,after", [
+    (None, "--xla_gpu_enable_triton_gemm=false"),
+    ("--xla_force_host_platform_device_count=2",
+     "--xla_force_host_platform_device_count=2 --xla_gpu_enable_triton_gemm=false"),
+    ("--xla_gpu_enable_triton_gemm=true", "--xla_gpu_enable_triton_gemm=true"),  # the user's
+])
+def test_triton_gemm_is_turned_off_unless_the_user_chose(before, after):
+  assert precision.xla_flags_avoiding_triton_gemm(before) == after
+
+
+def test_importing_quee_jax_sets_the_flag_before_jax_starts(tmp_path):
+  # In a fresh process: the flag must be in XLA_FLAGS before jax reads it, with the user's
+  # other flags kept (here: two host devices, which shows XLA parsed the whole string).
+  code = ("import os, quee_jax, jax; print(os.environ['XLA_FLAGS']); print(len(jax.devices()))")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300, check=True).stdout.split("\n")
+  assert out[0] == "--xla_force_host_platform_device_count=2 --xla_gpu_enable_triton_gemm=false"
+  assert out[1] == "2"
