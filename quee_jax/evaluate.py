@@ -37,7 +37,7 @@ VARIANTS = {
 
 # Saved runs hold results computed by this code: a change to what they contain (e.g. the
 # operating points swept) bumps it, so that `evaluate` recomputes them rather than load them.
-RESULTS_VERSION = 3
+RESULTS_VERSION = 4  # 4: clusters weighted by relevance (targets.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +137,8 @@ def budget_point(fitted: Fitted, cal: StateTable, budget: float) -> BudgetPoint:
 def fit_clusters(fit: StateTable, seed: int, cfg: EvalConfig) -> np.ndarray:
   """[S, N] clusters of the fit samples at every state of the collected family."""
   return targets.clusters(features.build_features(fit, cluster_only=True),
-                          min_cluster=cfg.min_cluster, max_clusters=cfg.max_clusters, seed=seed)
+                          targets.candidate_errors(fit), min_cluster=cfg.min_cluster,
+                          max_clusters=cfg.max_clusters, seed=seed)
 
 
 def _variant_family(base: PathFamily, family_name: str | None) -> PathFamily:

@@ -7,6 +7,14 @@ state, the samples are clustered by their compact features (k-means with
 k-means++ initialisation, clusters of about `min_cluster` samples), and each
 sample's target is its cluster's error rate of c, smoothed toward the state's
 overall rate with `alpha` pseudo-samples.
+
+The columns are weighted by what they say about the outcomes (`relevance`)
+before k-means. Unweighted, the ~26 standardized columns count alike, so one
+column that decides which samples a level hurts is outvoted by the others and
+its signal averaged away inside clusters: on the Fashion-MNIST table with a
+planted w2a4 signal (`quee_jax.synthetic`), plain k-means targets gave 85.37% at
+budget 1/4, weighted ones 87.98% (raw 0/1 targets 88.41%, the naive combination
+86.38%).
 """
 
 from __future__ import annotations
@@ -92,16 +100,31 @@ def standardize(x: np.ndarray) -> np.ndarray:
   return (x - mean) / np.where(std > 1e-8, std, 1.0)
 
 
-def clusters(cluster_x: np.ndarray, *, min_cluster: int = 100, max_clusters: int = 32,
-             seed: int = 0) -> np.ndarray:
-  """[S, N] cluster of each sample at each state: k-means on standardized features.
+def relevance(x: np.ndarray, errors: np.ndarray) -> np.ndarray:
+  """[S, d] what each standardized column of x [S, N, d] says about the outcomes: the largest
+  |correlation| with any candidate's 0/1 error (`candidate_errors`, [S, N, C]) at that state.
+  Candidates whose error never varies at a state count for nothing."""
+  if x.shape[:2] != errors.shape[:2]:
+    raise ValueError(f"errors: expected shape {x.shape[:2]} + [C], got {errors.shape}")
+  e = errors - errors.mean(axis=1, keepdims=True)
+  sd = e.std(axis=1)  # [S, C]
+  cov = np.matmul(np.swapaxes(x, 1, 2), e) / x.shape[1]  # [S, d, C]; x has zero mean
+  corr = np.abs(cov) / np.where(sd > 1e-8, sd, np.inf)[:, None, :]
+  return corr.max(axis=-1)
+
+
+def clusters(cluster_x: np.ndarray, errors: np.ndarray, *, min_cluster: int = 100,
+             max_clusters: int = 32, seed: int = 0) -> np.ndarray:
+  """[S, N] cluster of each sample at each state: k-means on standardized features, each
+  column weighted by its `relevance` to the candidates' errors [S, N, C].
 
   k = N // min_cluster (samples per cluster on average), at most max_clusters.
   """
   if min_cluster < 1 or max_clusters < 1:
     raise ValueError(f"min_cluster/max_clusters: expected >= 1, got {min_cluster}, {max_clusters}")
   k = int(np.clip(cluster_x.shape[1] // min_cluster, 1, max_clusters))
-  return kmeans(standardize(cluster_x), k, seed=seed)
+  x = standardize(cluster_x)
+  return kmeans(x * relevance(x, errors)[:, None, :], k, seed=seed)
 
 
 def soft_targets(errors: np.ndarray, assign: np.ndarray, *, alpha: float = 10.0) -> np.ndarray:

@@ -70,7 +70,7 @@ def test_soft_targets_are_smoothed_cluster_rates(tables):
   s, c = 0, 1 + 1 * fam.num_gates + 2  # root float -> w4a4 to the last exit
   np.testing.assert_array_equal(err[s, :, c], ~t.correct[fam.cand_state[s, c]])
   assert (err[:, :, ~fam.cand_mask.any(0)] == 0).all()
-  assign = targets.clusters(features.build_features(t, cluster_only=True), min_cluster=100)
+  assign = targets.clusters(features.build_features(t, cluster_only=True), err, min_cluster=100)
   soft = targets.soft_targets(err, assign, alpha=10.0)
   members = assign[s] == assign[s, 0]
   rate = (err[s, members, c].sum() + 10 * err[s, :, c].mean()) / (members.sum() + 10)
@@ -78,6 +78,20 @@ def test_soft_targets_are_smoothed_cluster_rates(tables):
   assert len(np.unique(assign[s])) > 10
   # Soft targets carry the signal: they rank errors better than chance.
   assert q.metrics.auroc(soft[s, :, 0], err[s, :, 0] > 0) > 0.7
+
+
+def test_relevance_weights_the_column_that_decides_errors():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 2000, 6)).astype(np.float32)
+  errors = np.zeros((2, 2000, 3), np.float32)
+  errors[0, :, 1] = x[0, :, 4] > 0.5  # state 0: column 4 decides candidate 1's error
+  errors[1, :, 0] = rng.random(2000) < 0.3  # state 1: errors unrelated to any column
+  r = targets.relevance(targets.standardize(x), errors)
+  assert r.shape == (2, 6)
+  assert r[0, 4] > 0.6 and np.delete(r[0], 4).max() < 0.1
+  assert r[1].max() < 0.1  # and the constant candidates 1, 2 count for nothing (no NaN)
+  with pytest.raises(ValueError, match="errors"):
+    targets.relevance(x, errors[:, :100])
 
 
 def test_features(tables):
@@ -174,9 +188,13 @@ def test_evaluate_signal_recovery():
   kept = vis["quee"]["budget_mode"]["0.5"]
   assert kept["fallbacks"] == 0 and kept["test_accuracy"] > kept["naive"]["test_accuracy"] + 0.03, out
   assert vis["switch_after_first_block"]["auroc_hurt_among_right"] > 0.9, out
-  assert abs(gain(hid)) < 0.02, out
+  # Hidden, both kinds of target still gain 2-3 points on this table (measured 2.9 and 2.3):
+  # samples that float gets wrong lose nothing at w2a4, and their difficulty, which max prob
+  # tells, says which they are. The planted variable must add clearly to that. (On the real
+  # Fashion-MNIST table the hidden case falls back to the envelope: README.)
   raw = lambda r: gain(r, "quee_raw_targets")
-  assert raw(vis) > max(0.03, raw(hid)), out  # raw 0/1 targets capture the signal too
+  assert gain(vis) > gain(hid) + 0.015, out
+  assert raw(vis) > max(0.03, raw(hid) + 0.015), out  # raw 0/1 targets capture the signal too
   assert abs(hid["switch_after_first_block"]["auroc_hurt_among_right"] - 0.5) < 0.1, out
 
 
