@@ -55,7 +55,7 @@ TRITON_GEMM_FLAG = "--xla_gpu_enable_triton_gemm"
 def xla_flags_avoiding_triton_gemm(flags: str | None) -> str:
   """XLA_FLAGS with Triton GEMM off (module docstring), unless `flags` already sets it."""
   flags = (flags or "").strip()
-  if TRITON_GEMM_FLAG in flags:  # the user's choice stands
+  if re.search(rf"(^|\s){TRITON_GEMM_FLAG}(=|\s|$)", flags):  # the user's choice stands
     return flags
   return f"{flags} {TRITON_GEMM_FLAG}=false".strip()
 

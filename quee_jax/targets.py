@@ -13,8 +13,9 @@ before k-means. Unweighted, the ~26 standardized columns count alike, so one
 column that decides which samples a level hurts is outvoted by the others and
 its signal averaged away inside clusters: on the Fashion-MNIST table with a
 planted w2a4 signal (`quee_jax.synthetic`), plain k-means targets gave 85.37% at
-budget 1/4, weighted ones 87.98% (raw 0/1 targets 88.41%, the naive combination
-86.38%).
+budget 1/4, weighted ones 88.15% (raw 0/1 targets 88.41%, the naive combination
+86.38%). One clustering serves every variant of a seed, so the weights count every
+candidate of the collected family.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def relevance(x: np.ndarray, errors: np.ndarray) -> np.ndarray:
   """[S, d] what each standardized column of x [S, N, d] says about the outcomes: the largest
   |correlation| with any candidate's 0/1 error (`candidate_errors`, [S, N, C]) at that state.
   Candidates whose error never varies at a state count for nothing."""
-  if x.shape[:2] != errors.shape[:2]:
+  if errors.ndim != 3 or x.shape[:2] != errors.shape[:2]:
     raise ValueError(f"errors: expected shape {x.shape[:2]} + [C], got {errors.shape}")
   e = errors - errors.mean(axis=1, keepdims=True)
   sd = e.std(axis=1)  # [S, C]

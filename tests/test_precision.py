@@ -130,6 +130,8 @@ def test_quantization_error_shrinks_with_bits():
     ("--xla_force_host_platform_device_count=2",
      "--xla_force_host_platform_device_count=2 --xla_gpu_enable_triton_gemm=false"),
     ("--xla_gpu_enable_triton_gemm=true", "--xla_gpu_enable_triton_gemm=true"),  # the user's
+    ("--xla_gpu_enable_triton_gemm_int4=true",  # another flag that merely starts the same
+     "--xla_gpu_enable_triton_gemm_int4=true --xla_gpu_enable_triton_gemm=false"),
 ])
 def test_triton_gemm_is_turned_off_unless_the_user_chose(before, after):
   assert precision.xla_flags_avoiding_triton_gemm(before) == after

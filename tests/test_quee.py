@@ -90,8 +90,9 @@ def test_relevance_weights_the_column_that_decides_errors():
   assert r.shape == (2, 6)
   assert r[0, 4] > 0.6 and np.delete(r[0], 4).max() < 0.1
   assert r[1].max() < 0.1  # and the constant candidates 1, 2 count for nothing (no NaN)
-  with pytest.raises(ValueError, match="errors"):
-    targets.relevance(x, errors[:, :100])
+  for bad in (errors[:, :100], errors[..., 0]):
+    with pytest.raises(ValueError, match="errors"):
+      targets.relevance(x, bad)
 
 
 def test_features(tables):
