@@ -75,7 +75,7 @@ def main(argv):
                                    cfg.channels)).astype(np.float32))
   y = jnp.asarray(rng.integers(0, 10, FLAGS.batch_size).astype(np.int32))
   costs = q.backbone_costs(bb, params, x, ladder)
-  fam = q.build_family(FLAGS.family, q.precision.ladder_names(ladder), bb.exits, costs)
+  fam = q.build_family(FLAGS.family, ladder, bb.exits, costs)
 
   collect = jax.jit(q.make_collect_fn(bb, fam, rows_per_call=FLAGS.rows_per_call))
   forward = jax.jit(lambda p, x: q.vit.forward(p, x, cfg, q.FLOAT)[0])
@@ -86,7 +86,7 @@ def main(argv):
   block_evals = int(bounds[fam.gate].sum())
   result = {
       "device": jax.devices()[0].device_kind, "num_devices": 1,
-      "ladder": q.precision.ladder_names(ladder), "family": fam.name,
+      "ladder": ladder, "family": fam.name,
       "num_states": fam.num_states, "batch_size": FLAGS.batch_size,
       "collect_s_per_batch": round(t_collect, 4), "forward_s_per_batch": round(t_forward, 4),
       "states_per_s": round(fam.num_states * FLAGS.batch_size / t_collect, 1),

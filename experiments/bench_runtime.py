@@ -6,7 +6,7 @@ Takes a work directory finished by experiments.run (its config.json, trained
 backbone and exit heads, state tables and saved predictors). On the test split
 it times, after warm-up, as the median of several repetitions:
   * the full model: every block at the top level, last exit, batched, jitted;
-  * the runtime (`quee_jax.runtime.Runner`) at several λ, under two cost
+  * the runtime (`quee_jax.runtime.runner.Runner`) at several λ, under two cost
     models: counted BOPs (the evaluation's) and latency (the runner's own
     programs timed here first, `runtime.latency_costs`). The operating points
     (λ and start level) are: λ = 0; the half point, the cheapest whose cal
@@ -15,14 +15,14 @@ it times, after warm-up, as the median of several repetitions:
     errors (`--half_point_z`, default the config's `eval.fallback_z`, as budget
     mode's fallback) is at least -0.5 point, and beside it the same rule on the
     mean alone (z = 0), which a small cal split fools; budget mode's for
-    `--budgets` (BOPs; `evaluate.budget_point`); with `--test_chosen`, also
+    `--budgets` (BOPs; `protocol.budget_point`); with `--test_chosen`, also
     the latency operating points most accurate on the test split within each
     given cost: what a perfect choice would reach (an upper bound, not a result).
 For each it prints images/s, the ratio to the full model, test accuracy,
 counted cost, and how many samples' exit, level history and prediction differ
 from the simulated policy on the test state table (`policy.simulate`); more
 than 2% in any row exits with an error after the report. On an accelerator it
-first compares every level there with the host CPU (`quee_jax.device_check`).
+first compares every level there with the host CPU (`quee_jax.runtime.device_check`).
 
 The last line is a JSON object: device, full_img_per_s, speedup_at_half_point
 (the confident half point of the better cost model, named in cost_model),
@@ -43,13 +43,17 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import run as pipeline
-from quee_jax import baselines, device_check, evaluate, metrics, models, runtime
+from quee_jax import pipeline
+from quee_jax import models
+from quee_jax.protocol import metrics
+from quee_jax import runtime
+from quee_jax.runtime import device_check
 from quee_jax.collect import padded_batches
+from quee_jax import protocol
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A work directory finished by experiments.run.")
-flags.DEFINE_string("variant", "quee", f"Which saved predictors, of {list(evaluate.VARIANTS)}.")
+flags.DEFINE_string("variant", "quee", f"Which saved predictors, of {list(protocol.VARIANTS)}.")
 flags.DEFINE_integer("seed", None, "Which seed's predictors (default: the config's first).")
 flags.DEFINE_integer("max_batch", 1024, "Samples per lane (the full model's batch too).")
 flags.DEFINE_integer("lanes_per_device", None, "The runner's lanes in flight per device"
@@ -155,7 +159,7 @@ def main(argv):
   try:
     c, plan, splits, params, tables = load_workdir(FLAGS.workdir)
     seed = plan.eval.seeds[0] if FLAGS.seed is None else FLAGS.seed
-    fitted = evaluate.load_variant(tables, FLAGS.variant, seed, plan.eval,
+    fitted = protocol.load_variant(tables, FLAGS.variant, seed, plan.eval,
                                    os.path.join(FLAGS.workdir, "predictors"))
     budgets, caps = _costs("budgets", FLAGS.budgets), _costs("test_chosen", FLAGS.test_chosen)
     z = plan.eval.fallback_z if FLAGS.half_point_z is None else FLAGS.half_point_z
@@ -188,7 +192,7 @@ def main(argv):
                                        np.shape(gating.predictor["w1"])[-1], len(fam.candidates))]))
     except device_check.DeviceMismatch as e:
       sys.exit(f"error: {e}")
-  runner = runtime.Runner(bb, params, plan.ladder, gating, input_shape=test_x.shape[1:],
+  runner = runtime.Runner(bb, params, gating, input_shape=test_x.shape[1:],
                           input_dtype=test_x.dtype, max_batch=FLAGS.max_batch,
                           lanes_per_device=FLAGS.lanes_per_device)
   t0 = time.time()
@@ -205,7 +209,7 @@ def main(argv):
   rng = np.random.default_rng(0)
   n = len(test_y)
   cases = []  # (cost model, label, per-sample λ, per-sample start level)
-  cal_full = tables["cal"].restrict(fam).correct[baselines.chain(fam, top)[-1]]
+  cal_full = tables["cal"].restrict(fam).correct[fam.chain(top)[-1]]
   for name, f in fits.items():
     cal_sweep = f.sweep(tables["cal"], "cal", plan.eval.num_lambdas)
     if name == "bops":
@@ -215,7 +219,7 @@ def main(argv):
       cases.append((name, f"{label} λ={lam:.3g}", np.full(n, lam), np.full(n, start)))
     if name == "bops":
       for b in budgets:
-        point = evaluate.budget_point(f, tables["cal"], b)
+        point = protocol.budget_point(f, tables["cal"], b)
         coin = rng.random(n) < point.mix.p_rich
         cases.append((name, f"budget {b:g}",
                       np.where(coin, point.mix.lam_rich, point.mix.lam), np.full(n, point.start)))

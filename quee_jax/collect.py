@@ -23,47 +23,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from quee_jax import precision
-from quee_jax.backbone import Backbone, Params
-from quee_jax.paths import PathFamily
-from quee_jax.table import FEATURES, StateTable
-
-
-def softmax_features(logits: jax.Array, parent_logits: jax.Array | None = None
-                     ) -> dict[str, jax.Array]:
-  """Compact per-sample statistics of an exit's softmax (last axis = classes).
-
-  max_prob, margin (top-1 minus top-2 probability), entropy (nats),
-  kl_parent = KL(p || p_parent) to the previous exit on the path and
-  agree_parent (1 if both predict the same class); 0 and 1 at a root.
-  """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  p = jnp.exp(logp)
-  top2 = jax.lax.top_k(p, 2)[0]
-  out = {"max_prob": top2[..., 0], "margin": top2[..., 0] - top2[..., 1],
-         "entropy": -jnp.sum(p * logp, axis=-1)}
-  if parent_logits is None:
-    out["kl_parent"] = jnp.zeros_like(out["max_prob"])
-    out["agree_parent"] = jnp.ones_like(out["max_prob"])
-  else:
-    parent_logp = jax.nn.log_softmax(parent_logits.astype(jnp.float32), axis=-1)
-    out["kl_parent"] = jnp.sum(p * (logp - parent_logp), axis=-1)
-    out["agree_parent"] = (jnp.argmax(logits, -1) == jnp.argmax(parent_logits, -1)
-                           ).astype(jnp.float32)
-  return out
+from quee_jax.core.backbone import Backbone, Params
+from quee_jax.core.paths import PathFamily
+from quee_jax.core.exit_stats import FEATURES, softmax_features, summary_projection
+from quee_jax.core.table import StateTable
 
 
 def default_rows_per_call() -> int:
   """Rows (samples x states) per block call: 256 on CPU, unbounded elsewhere."""
   return 256 if jax.default_backend() == "cpu" else 2**31
-
-
-def summary_projection(width: int, dim: int) -> np.ndarray:
-  """A fixed random orthonormal [width, dim] projection (seed 0) for exit summaries."""
-  if dim > width:
-    raise ValueError(f"summary_dim: at most the summary width {width}, got {dim}")
-  q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(width, dim)))
-  return q.astype(np.float32)
 
 
 def state_outputs(backbone: Backbone, family: PathFamily, params: Params, inputs: jax.Array,
@@ -82,7 +50,6 @@ def state_outputs(backbone: Backbone, family: PathFamily, params: Params, inputs
   if rows_per_call is None:
     rows_per_call = default_rows_per_call()
   _check_family(backbone, family)
-  ladder = [precision.parse_level(name) for name in family.ladder]
   bounds = (0,) + family.exits
   h0 = backbone.embed(params, inputs)
 
@@ -90,7 +57,7 @@ def state_outputs(backbone: Backbone, family: PathFamily, params: Params, inputs
     # h: [n_states, batch, ...]; every block of the segment at level q.
     def segment(x):
       for i in range(bounds[gate], bounds[gate + 1]):
-        x = backbone.block(params, i, x, ladder[q])
+        x = backbone.block(params, i, x, family.ladder[q])
       return x
     chunk = max(1, rows_per_call // h.shape[1])
     if chunk >= h.shape[0]:

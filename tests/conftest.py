@@ -48,4 +48,4 @@ def labels(n: int, num_classes: int = TINY.num_classes, seed: int = 1) -> np.nda
 def family(backbone, params, ladder="float,w4a4", name="switch_once", inputs=None, **kw):
   ladder = q.parse_ladder(ladder)
   costs = q.backbone_costs(backbone, params, images(1) if inputs is None else inputs, ladder)
-  return q.build_family(name, q.precision.ladder_names(ladder), backbone.exits, costs, **kw)
+  return q.build_family(name, ladder, backbone.exits, costs, **kw)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import quee_jax as q
-from quee_jax import runtime, wheels
+from quee_jax.data import wheels
+from quee_jax import runtime
 from quee_jax.models import bert, bert_import
 from conftest import TINY_BERT, token_ids
 from test_runtime import CFG, make_fitted, simulated
@@ -23,7 +24,7 @@ needs_minilm = pytest.mark.skipif(
 def logits_of(params, ids, cfg=TINY_BERT, level="float"):
   bb = bert.backbone(cfg)
   levels = [q.parse_level(level)] * cfg.depth
-  return np.asarray(q.backbone.exit_logits(bb, params, jnp.asarray(ids), levels))
+  return np.asarray(q.core.backbone.exit_logits(bb, params, jnp.asarray(ids), levels))
 
 
 @pytest.mark.parametrize("level", ["float", "w4a4"])
@@ -206,7 +207,7 @@ def test_runner_on_token_ids_equals_the_simulated_policy(tiny_bert):
   cfg, params, bb = tiny_bert
   x, tables, fitted = make_fitted(tiny_bert, inputs=token_ids)
   gating = runtime.gating_from_fitted(fitted, CFG.predictor.level)
-  runner = runtime.Runner(bb, params, "float,w4a4", gating, input_shape=(cfg.seq_len,),
+  runner = runtime.Runner(bb, params, gating, input_shape=(cfg.seq_len,),
                           input_dtype=np.int32, max_batch=64, min_bucket=8)
   costs = set()
   for lam in (0.0, 1e-3, 0.05, 1e3):

@@ -31,7 +31,7 @@ def test_state_logits_equal_a_forward_along_the_path(tiny, name):
     want, inter = q.vit.forward(params, jnp.asarray(x), cfg, levels)
     np.testing.assert_allclose(table.logits[s], want[fam.gate[s]], atol=1e-5, rtol=1e-5)
     h = inter[f"block_{cfg.exits[fam.gate[s]]}"]
-    summary = q.vit.exit_summary(params, fam.gate[s], h, cfg) @ q.collect.summary_projection(cfg.dim, 8)
+    summary = q.vit.exit_summary(params, fam.gate[s], h, cfg) @ q.core.exit_stats.summary_projection(cfg.dim, 8)
     np.testing.assert_allclose(table.summary[s], summary, atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(table.pred[s], np.argmax(want[fam.gate[s]], -1))
     np.testing.assert_array_equal(table.correct[s], table.pred[s] == y)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import quee_jax as q
-from quee_jax import cost
+from quee_jax.core import cost
 from conftest import images
 
 

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from quee_jax import data, wheels
+from quee_jax import data
+
+from quee_jax.data import wheels
 
 
 @pytest.fixture(scope="module")

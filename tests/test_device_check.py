@@ -4,7 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from quee_jax import device_check, predictor
+from quee_jax.gating import predictor
+
+from quee_jax.runtime import device_check
 from conftest import images
 
 LADDER = "float,w8a8,w4a4"

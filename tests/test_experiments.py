@@ -16,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import quee_jax as q
-from experiments import run as run_lib
+from quee_jax import pipeline as run_lib
 from test_vit_import import big_vision_checkpoint
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")

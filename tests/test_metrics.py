@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from quee_jax import metrics
+from quee_jax.protocol import metrics
 
 
 def test_accuracy_at_and_summary_by_hand():

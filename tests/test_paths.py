@@ -131,7 +131,7 @@ def test_candidates_quant_only_and_exit_only():
 
 def test_spec_round_trip():
   fam = family("constant", 3, (1, 3, 4), (0, 1))
-  again = q.paths.from_spec(fam.spec())
+  again = q.core.paths.from_spec(fam.spec())
   for k in ("gate", "parent", "level", "history", "cost", "cand_state", "cand_cost"):
     np.testing.assert_array_equal(getattr(fam, k), getattr(again, k))
 
@@ -163,7 +163,7 @@ def test_children_and_gate_overhead():
   assert (fam.child[switched] >= 0).tolist() == [False, False, True]
   heavier = fam.with_gate_overhead([0.01, 0.01, 0.01, 0.0])
   np.testing.assert_allclose(heavier.cost - fam.cost, 0.01 * (heavier.gate + 1).clip(max=3))
-  assert q.paths.from_spec(heavier.spec()).cost.tolist() == heavier.cost.tolist()
+  assert q.core.paths.from_spec(heavier.spec()).cost.tolist() == heavier.cost.tolist()
   with pytest.raises(ValueError, match="gate_overhead"):
     fam.with_gate_overhead([0.1, 0.1])
 
@@ -180,4 +180,4 @@ def test_reference_is_the_full_models_path_and_survives_recosting(name):
   timed = fam.with_costs(dataclasses.replace(bops_like, blocks=bops_like.blocks[:, ::-1]))
   assert timed.top == fam.top == 0
   np.testing.assert_array_equal(timed.reference, fam.reference)
-  assert q.paths.from_spec(timed.spec()).top == 0
+  assert q.core.paths.from_spec(timed.spec()).top == 0

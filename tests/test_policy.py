@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 
 import quee_jax as q
-from quee_jax import baselines, metrics, policy
-from quee_jax.table import StateTable
+from quee_jax.gating import policy
+from quee_jax.protocol import baselines, metrics
+from quee_jax.core.table import StateTable
 
 LADDER = ("float", "w4a4")
 
@@ -41,7 +42,7 @@ def test_lambda_zero_is_the_full_model_even_when_cheap_paths_look_better():
   table, predicted, pop = random_case(fam, 50, 0.7, seed=0)
   pop[1] = 0.0  # the cheap level even looks perfect on average
   res = policy.simulate(table, predicted, pop, np.array([0.0]))
-  full = baselines.chain(fam, 0)[-1]
+  full = fam.chain(0)[-1]
   assert (res.exit_state == full).all()
   np.testing.assert_allclose(res.cost, 1.0)
   np.testing.assert_array_equal(res.pred[0], table.pred[full])

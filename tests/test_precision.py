@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 import quee_jax as q
-from quee_jax import precision
+from quee_jax.core import precision
 from conftest import TINY, images
 
 
@@ -29,13 +30,16 @@ def test_bad_level_names_raise(bad):
 @pytest.mark.parametrize("w,a", [(0, 8), (9, 8), (4, None), (4, 2.0), (True, 4)])
 def test_bad_bits_raise(w, a):
   with pytest.raises(ValueError, match="bits"):
-    q.Level(w, a)
+    q.Level.from_bits(w, a)
 
 
 def test_parse_ladder():
-  assert [l.name for l in q.parse_ladder("float, w4a4,w2a4")] == ["float", "w4a4", "w2a4"]
-  for bad in ["", "float,float", "float,w4"]:
-    with pytest.raises(ValueError):
+  ladder = q.parse_ladder("float, W4A4,w2a4")
+  # A level is its own canonical name: it compares with config strings and goes into JSON as one.
+  assert ladder == ("float", "w4a4", "w2a4") and json.loads(json.dumps(ladder)) == list(ladder)
+  assert q.parse_ladder(ladder) == ladder and q.Level.from_bits(4, 4) == ladder[1]
+  for bad in ["", "float,float", "float,w4", "float,,w8a8", "float,", "w4a4"[0:0] or 4]:
+    with pytest.raises(ValueError, match="ladder|level"):
       q.parse_ladder(bad)
 
 
@@ -137,13 +141,18 @@ def test_triton_gemm_is_turned_off_unless_the_user_chose(before, after):
   assert precision.xla_flags_avoiding_triton_gemm(before) == after
 
 
-def test_importing_quee_jax_sets_the_flag_before_jax_starts(tmp_path):
-  # In a fresh process: the flag must be in XLA_FLAGS before jax reads it, with the user's
-  # other flags kept (here: two host devices, which shows XLA parsed the whole string).
-  code = ("import os, quee_jax, jax; print(os.environ['XLA_FLAGS']); print(len(jax.devices()))")
+def test_import_is_free_of_side_effects_and_the_flag_is_an_explicit_call():
+  # In a fresh process: importing quee_jax leaves XLA_FLAGS, matplotlib and tfds alone;
+  # avoid_triton_gemm() then adds the flag before jax starts, keeping the user's other flags
+  # (two host devices, which shows XLA parsed the whole string).
+  code = ("import os, sys, quee_jax; print(os.environ['XLA_FLAGS']);"
+          " print('matplotlib' in sys.modules, 'tensorflow_datasets' in sys.modules);"
+          " quee_jax.avoid_triton_gemm(); import jax;"
+          " print(os.environ['XLA_FLAGS']); print(len(jax.devices()))")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
          "JAX_PLATFORMS": "cpu"}
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=300, check=True).stdout.split("\n")
-  assert out[0] == "--xla_force_host_platform_device_count=2 --xla_gpu_enable_triton_gemm=false"
-  assert out[1] == "2"
+  assert out[:2] == ["--xla_force_host_platform_device_count=2", "False False"]
+  assert out[2] == "--xla_force_host_platform_device_count=2 --xla_gpu_enable_triton_gemm=false"
+  assert out[3] == "2"

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 import quee_jax as q
-from quee_jax import (diagnostics, evaluate, features, predictor, synthetic, targets)
-from quee_jax.table import StateTable
+from quee_jax.gating import features, predictor, targets
+from quee_jax.protocol import diagnostics, synthetic
+from quee_jax.core.table import StateTable
+from quee_jax import protocol
 
 LADDER = ("float", "w4a4", "w2a4")
 
@@ -77,7 +79,7 @@ def test_soft_targets_are_smoothed_cluster_rates(tables):
   np.testing.assert_allclose(soft[s, 0, c], rate, rtol=1e-5)
   assert len(np.unique(assign[s])) > 10
   # Soft targets carry the signal: they rank errors better than chance.
-  assert q.metrics.auroc(soft[s, :, 0], err[s, :, 0] > 0) > 0.7
+  assert q.protocol.metrics.auroc(soft[s, :, 0], err[s, :, 0] > 0) > 0.7
 
 
 def test_relevance_weights_the_column_that_decides_errors():
@@ -121,7 +123,7 @@ def test_predictor_learns_and_round_trips(tables, tmp_path):
   assert hist["val"][-1] < hist["val"][0]
   pred = predictor.predict(params, features.build_features(tables["test"]), t.family.gate)
   test_err = targets.candidate_errors(tables["test"])
-  assert q.metrics.auroc(pred[0, :, 0], test_err[0, :, 0] > 0) > 0.75
+  assert q.protocol.metrics.auroc(pred[0, :, 0], test_err[0, :, 0] > 0) > 0.75
   quantized = predictor.predict(params, features.build_features(tables["test"]), t.family.gate, "w8a8")
   assert np.abs(quantized - pred).max() < 0.1
   predictor.save(params, str(tmp_path / "pred"))
@@ -165,7 +167,7 @@ def test_overhead_of_predictors_and_heads_is_under_one_percent():
   bb = q.vit.backbone(cfg)
   ladder = q.parse_ladder(c.ladder)
   costs = q.backbone_costs(bb, params, np.zeros((1, 28, 28, 1), np.float32), ladder)
-  fam = q.build_family(c.family, q.precision.ladder_names(ladder), bb.exits, costs)
+  fam = q.build_family(c.family, ladder, bb.exits, costs)
   num_features = 5 + 3 + 2 + 8 + 2 * len(ladder) + len(cfg.exits) + 1
   overhead = predictor.gate_overhead(fam, num_features, predictor.PredictorConfig(**c.eval.predictor))
   assert costs.heads.sum() + overhead.sum() < 0.01
@@ -176,9 +178,9 @@ def test_evaluate_signal_recovery():
   # level, so routing by the signal pays.
   t = [synthetic_table(family(ladder=("float", "w2a4")), n, i)
        for i, n in enumerate((3000, 1500, 1500))]
-  cfg = evaluate.EvalConfig(seeds=(0,), predictor=predictor.PredictorConfig(epochs=25, hidden=16),
+  cfg = protocol.EvalConfig(seeds=(0,), predictor=predictor.PredictorConfig(epochs=25, hidden=16),
                             variants=("quee",))
-  out = evaluate.signal_recovery(*t, "w2a4", cfg)
+  out = protocol.signal_recovery(*t, "w2a4", cfg)
   assert out["ladder"] == ["float", "w2a4"]
   vis, hid = out["visible"], out["hidden"]
   # Paths with a w2a4 block are cheap only after a float first block (the start level
@@ -214,13 +216,13 @@ def test_a_family_on_some_of_its_levels_keeps_their_states_and_costs(tables):
   with pytest.raises(ValueError, match="levels: expected distinct levels"):
     t.family.on_levels(("float", "w3a3"))
   with pytest.raises(ValueError, match="level: expected a level"):
-    evaluate.signal_recovery(t, t, t, "float")
+    protocol.signal_recovery(t, t, t, "float")
 
 
 def test_evaluate_budget_mode_and_fallback(tables):
-  cfg = evaluate.EvalConfig(seeds=(0, 1), predictor=predictor.PredictorConfig(epochs=10),
+  cfg = protocol.EvalConfig(seeds=(0, 1), predictor=predictor.PredictorConfig(epochs=10),
                             variants=("quee",))
-  res = evaluate.evaluate(tables["fit"], tables["cal"], tables["test"], cfg)
+  res = protocol.evaluate(tables["fit"], tables["cal"], tables["test"], cfg)
   q_ = res["methods"]["quee"]
   for b, e in q_["budget_mode"].items():
     budget = float(b)

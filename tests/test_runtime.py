@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 import quee_jax as q
-from quee_jax import evaluate, predictor, runtime
+from quee_jax.gating import predictor
+from quee_jax import runtime
+from quee_jax import protocol
 from conftest import family, images, labels
 
 LAMBDAS = (0.0, 1e-4, 1e-3, 0.01, 0.05, 0.2, 1e3)
-CFG = evaluate.EvalConfig(seeds=(0,), min_cluster=20, max_clusters=8, variants=("quee",),
+CFG = protocol.EvalConfig(seeds=(0,), min_cluster=20, max_clusters=8, variants=("quee",),
                           predictor=predictor.PredictorConfig(epochs=8, batch_size=64))
 
 
@@ -28,10 +30,10 @@ def make_fitted(tiny, ladder="float,w4a4", n=(400, 200, 200), inputs=images):
     t = q.collect_table(bb, params, fam, x[k], labels(len(x[k]), seed=10 + i), batch_size=100,
                         progress=False)
     # Labels the full model gets right 60% of the time, so errors differ between paths.
-    top = t.pred[q.baselines.chain(fam, 0)[-1]]
+    top = t.pred[fam.chain(0)[-1]]
     y = np.where(np.random.default_rng(i).random(len(top)) < 0.6, top, t.labels).astype(np.int32)
     tables[k] = dataclasses.replace(t, labels=y, correct=t.pred == y[None])
-  fitted = evaluate.fit_variant(tables, None, "soft", 0, CFG)
+  fitted = protocol.fit_variant(tables, None, "soft", 0, CFG)
   return x, tables, fitted
 
 
@@ -40,7 +42,7 @@ def setup(tiny):
   x, tables, fitted = make_fitted(tiny)
   cfg, params, bb = tiny
   gating = runtime.gating_from_fitted(fitted, CFG.predictor.level)
-  runner = runtime.Runner(bb, params, "float,w4a4", gating, input_shape=x["test"].shape[1:],
+  runner = runtime.Runner(bb, params, gating, input_shape=x["test"].shape[1:],
                           max_batch=64, min_bucket=8)
   return x, tables, fitted, runner
 
@@ -70,13 +72,13 @@ def test_lanes_in_flight_do_not_change_decisions(setup, tiny):
   lam = np.random.default_rng(2).choice([1e-3, 0.01, 0.2], len(x["test"]))
   want = runner.classify(x["test"], lam)
   for k in (1, 3, 8):
-    other = runtime.Runner(tiny[2], tiny[1], "float,w4a4", runner.gating, lanes_per_device=k,
+    other = runtime.Runner(tiny[2], tiny[1], runner.gating, lanes_per_device=k,
                            input_shape=x["test"].shape[1:], max_batch=64, min_bucket=8)
     got = other.classify(x["test"], lam)
     np.testing.assert_array_equal(got.exit_state, want.exit_state, err_msg=f"{k} lanes")
     np.testing.assert_array_equal(got.pred, want.pred, err_msg=f"{k} lanes")
   with pytest.raises(ValueError, match="lanes_per_device"):
-    runtime.Runner(tiny[2], tiny[1], "float,w4a4", runner.gating, lanes_per_device=0,
+    runtime.Runner(tiny[2], tiny[1], runner.gating, lanes_per_device=0,
                    input_shape=x["test"].shape[1:])
 
 
@@ -104,7 +106,7 @@ def test_explicit_start_levels_per_sample_equal_the_simulated_policy(setup):
 
 def test_compilations_are_bounded_and_do_not_grow_with_batches(setup, tiny):
   x, _, _, shared = setup
-  runner = runtime.Runner(tiny[2], tiny[1], "float,w4a4", shared.gating,
+  runner = runtime.Runner(tiny[2], tiny[1], shared.gating,
                           input_shape=x["test"].shape[1:], max_batch=64, min_bucket=8)
   fam = runner.family
   data = x["test"][:192]  # three passes of max_batch
@@ -159,12 +161,10 @@ def test_bad_input_is_refused_before_any_compute(setup, tiny):
       runner.classify(good, 0.1, start)
   assert runner.num_traces == before
   gating = runner.gating
-  with pytest.raises(ValueError, match="trained for ladder"):
-    runtime.Runner(bb, params, "float,w8a8", gating, input_shape=good.shape[1:])
   other = family(bb, params, "float,w8a8,w4a4")
   wrong = dataclasses.replace(gating, family=other)  # predictors sized for two levels
   with pytest.raises(ValueError, match="gating: predictor"):
-    runtime.Runner(bb, params, "float,w8a8,w4a4", wrong, input_shape=good.shape[1:])
+    runtime.Runner(bb, params, wrong, input_shape=good.shape[1:])
 
 
 SHARDED = """
@@ -173,13 +173,14 @@ from test_runtime import make_fitted
 from conftest import TINY
 import quee_jax as q
 from quee_jax import runtime
+from quee_jax import protocol
 params = q.vit.init(jax.random.key(0), TINY)
 tiny = (TINY, params, q.vit.backbone(TINY))
 x, tables, fitted = make_fitted(tiny, n=(400, 100, 100))
 gating = runtime.gating_from_fitted(fitted, "w8a8")
-one = runtime.Runner(tiny[2], params, "float,w4a4", gating, input_shape=x["test"].shape[1:],
+one = runtime.Runner(tiny[2], params, gating, input_shape=x["test"].shape[1:],
                      max_batch=32, min_bucket=8, devices=jax.local_devices()[:1])
-two = runtime.Runner(tiny[2], params, "float,w4a4", gating, input_shape=x["test"].shape[1:],
+two = runtime.Runner(tiny[2], params, gating, input_shape=x["test"].shape[1:],
                      max_batch=32, min_bucket=8)
 assert len(two.devices) == 2
 for lam in (0.0, 0.01, 0.2):

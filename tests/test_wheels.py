@@ -5,7 +5,7 @@ import zipfile
 
 import pytest
 
-from quee_jax import wheels
+from quee_jax.data import wheels
 
 
 def fake_wheel(cache, name="fakepkg", version="1.0", files=None):

@@ -1,4 +1,4 @@
-"""Backbones implementing the `quee_jax.backbone.Backbone` interface.
+"""Backbones implementing the `quee_jax.core.backbone.Backbone` interface.
 
 A model config is a plain dict (as in experiment configs) whose key `arch`
 names the architecture: 'vit' (the default) or 'bert'.
@@ -6,7 +6,7 @@ names the architecture: 'vit' (the default) or 'bert'.
 
 from __future__ import annotations
 
-from quee_jax.backbone import Backbone
+from quee_jax.core.backbone import Backbone
 from quee_jax.models import bert, vit
 
 ModelConfig = vit.ViTConfig | bert.BertConfig

@@ -4,7 +4,7 @@ Post-LN encoder as in BERT (token + position + type embeddings, LayerNorm eps
 1e-12, exact-erf GELU), so pretrained weights such as all-MiniLM-L6-v2 load as
 they are (`quee_jax.models.bert_import`). Every dense layer of a block and both
 attention einsums run at the block's precision level through
-`quee_jax.precision`; embeddings and exit heads stay float.
+`quee_jax.core.precision`; embeddings and exit heads stay float.
 
 Inputs are token ids [..., T] (int), 0 being padding. The backbone interface
 hands one array from block to block, so the attention mask travels with the
@@ -31,12 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quee_jax import precision
-from quee_jax.backbone import Backbone
+from quee_jax.core import precision
+from quee_jax.core.backbone import Backbone
 from quee_jax.models import layers
 from quee_jax.models.layers import (attention, check_transformer_config, layer_norm, ln_init,
                                     multi_exit_backbone)
-from quee_jax.precision import FLOAT, Level
+from quee_jax.core.precision import FLOAT, Level
 
 Params = dict[str, Any]
 

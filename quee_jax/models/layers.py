@@ -4,7 +4,7 @@ exit heads on pooled tokens behind the backbone interface.
 Every model here ends each exit in the same head: LayerNorm + Dense (float) on a
 pooled vector; the pooled, normalized vector is also the exit's summary the
 predictors see. `multi_exit_backbone` wires a model's embed / block / pool into
-`quee_jax.backbone.Backbone` that way.
+`quee_jax.core.backbone.Backbone` that way.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from quee_jax import precision
-from quee_jax.backbone import Backbone, validate_exits
-from quee_jax.precision import FLOAT, Level
+from quee_jax.core import precision
+from quee_jax.core.backbone import Backbone, validate_exits
+from quee_jax.core.precision import FLOAT, Level
 
 Params = dict[str, Any]
 HEAD_LN_EPS = 1e-6

@@ -4,7 +4,7 @@ Pre-LN encoder as in big_vision's ViT (GELU MLP, LayerNorm eps 1e-6), with
 its two pooling choices (a class token, or the mean of the patch tokens: 'gap')
 and two position embeddings (learned, or fixed 2-D sin-cos: 'sincos2d'). Every matmul of a block, the attention
 QK^T and AV included, runs at the block's precision level through
-`quee_jax.precision`; the patch embedding (reshape + dense, no convolution) and
+`quee_jax.core.precision`; the patch embedding (reshape + dense, no convolution) and
 the exit heads (LayerNorm + Dense on the pooled tokens) stay float.
 
 Params are a plain pytree:
@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quee_jax import precision
-from quee_jax.backbone import Backbone
+from quee_jax.core import precision
+from quee_jax.core.backbone import Backbone
 from quee_jax.models.layers import (attention, check_transformer_config, head_logits,
                                     head_summary, init_blocks, init_heads, layer_norm,
                                     multi_exit_backbone)
-from quee_jax.precision import FLOAT, Level
+from quee_jax.core.precision import FLOAT, Level
 
 Params = dict[str, Any]
 

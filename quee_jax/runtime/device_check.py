@@ -6,7 +6,7 @@ logits, and a state table or runtime built on it is silently wrong. (Seen on an
 H100 with jax 0.11.2: XLA's Triton GEMM computed the error predictors' w8a8
 dot, [N, 33] x [33, 16], wrong, and with autotuning off every quantized level
 of the ViT; the runtime then got 37.5% of Fashion-MNIST test right. cuBLAS
-computes them right, so `quee_jax.precision` turns Triton GEMM off; this check
+computes them right, so `quee_jax.core.precision` turns Triton GEMM off; this check
 catches the next such kernel.) So the scripts that run on an accelerator first
 run the backbone at every level on a few real inputs there and on the host's
 CPU (every jaxlib has one) and compare the predicted classes at every exit, and
@@ -23,8 +23,10 @@ import dataclasses
 import jax
 import numpy as np
 
-from quee_jax import precision, predictor
-from quee_jax.backbone import Backbone, Params, exit_logits
+from quee_jax.core import precision
+
+from quee_jax.gating import predictor
+from quee_jax.core.backbone import Backbone, Params, exit_logits
 
 MIN_AGREEMENT = 0.95
 PROB_TOLERANCE = 0.02

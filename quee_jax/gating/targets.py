@@ -12,7 +12,7 @@ The columns are weighted by what they say about the outcomes (`relevance`)
 before k-means. Unweighted, the ~26 standardized columns count alike, so one
 column that decides which samples a level hurts is outvoted by the others and
 its signal averaged away inside clusters: on the Fashion-MNIST table with a
-planted w2a4 signal (`quee_jax.synthetic`), plain k-means targets gave 85.37% at
+planted w2a4 signal (`quee_jax.protocol.synthetic`), plain k-means targets gave 85.37% at
 budget 1/4, weighted ones 88.15% (raw 0/1 targets 88.41%, the naive combination
 86.38%). One clustering serves every variant of a seed, so the weights count every
 candidate of the collected family.
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quee_jax.table import StateTable
+from quee_jax.core.table import StateTable
 
 
 def candidate_errors(table: StateTable) -> np.ndarray:

@@ -32,9 +32,8 @@ import dataclasses
 
 import numpy as np
 
-from quee_jax.baselines import chain
-from quee_jax.paths import EXIT, PathFamily
-from quee_jax.table import StateTable
+from quee_jax.core.paths import EXIT, PathFamily
+from quee_jax.core.table import StateTable
 
 
 SOFT_FLOOR = 0.01  # default τ: one point of error rate
@@ -104,13 +103,13 @@ def step(family: PathFamily, cur: np.ndarray, errors: np.ndarray, lam: np.ndarra
 def start_errors(fit: StateTable) -> np.ndarray:
   """[num_start_levels, G] population error rate (fit split) of each constant-level path."""
   err = 1.0 - fit.accuracy()
-  return np.stack([err[chain(fit.family, q)] for q in fit.family.start_levels])
+  return np.stack([err[fit.family.chain(q)] for q in fit.family.start_levels])
 
 
 def start_levels(family: PathFamily, population_err: np.ndarray, lambdas: np.ndarray,
                  tau: float = SOFT_FLOOR) -> np.ndarray:
   """Root state chosen before block 1 for each λ [L]."""
-  chains = np.stack([chain(family, q) for q in family.start_levels])  # [start levels, G]
+  chains = np.stack([family.chain(q) for q in family.start_levels])  # [start levels, G]
   roots, cost = chains[:, 0], family.cost[chains]
   flat_err, flat_cost = population_err.reshape(-1), cost.reshape(-1)
   if not family.cand_mask[roots, EXIT].any():  # quant_only: only full depth counts
@@ -203,7 +202,7 @@ def start_states(family: PathFamily, population_err: np.ndarray, lambdas: np.nda
   """
   roots = np.full(len(starts), -1, np.int64)
   for q in np.unique(starts[starts >= 0]):
-    roots[starts == q] = chain(family, int(q))[0]
+    roots[starts == q] = family.chain(int(q))[0]
   rule = starts < 0
   if rule.any():
     roots[rule] = start_levels(family, population_err, np.asarray(lambdas)[rule], tau)

@@ -18,9 +18,9 @@ import jax
 import numpy as np
 from jax.extend import core as jex_core
 
-from quee_jax import precision
-from quee_jax.backbone import Backbone, Params
-from quee_jax.precision import FLOAT, Ladder, Level
+from quee_jax.core import precision
+from quee_jax.core.backbone import Backbone, Params
+from quee_jax.core.precision import FLOAT, Ladder, Level
 
 UNITS = ("bops", "macs")
 
@@ -119,7 +119,7 @@ class CostTable:
   Attributes:
     unit: 'bops' or 'macs'.
     float_bits: bits float is charged as (per operand) in BOPs.
-    ladder: level names, the column order of `blocks`.
+    ladder: the levels, the column order of `blocks`.
     embed: the embedding's cost (float).
     blocks: [num_blocks, len(ladder)] cost of block i at level q.
     heads: [num_exits] cost of each exit head (float).
@@ -128,7 +128,7 @@ class CostTable:
 
   unit: str
   float_bits: int
-  ladder: tuple[str, ...]
+  ladder: Ladder
   embed: float
   blocks: np.ndarray
   heads: np.ndarray
@@ -141,17 +141,17 @@ class CostTable:
 
   @classmethod
   def from_dict(cls, d: dict) -> "CostTable":
-    return cls(unit=d["unit"], float_bits=int(d["float_bits"]), ladder=tuple(d["ladder"]),
+    return cls(unit=d["unit"], float_bits=int(d["float_bits"]), ladder=precision.parse_ladder(d["ladder"]),
                embed=float(d["embed"]), blocks=np.asarray(d["blocks"], np.float64),
                heads=np.asarray(d["heads"], np.float64), full_model=float(d["full_model"]))
 
   def __eq__(self, other) -> bool:
     return isinstance(other, CostTable) and self.to_dict() == other.to_dict()
 
-  def select(self, levels: Sequence[str]) -> "CostTable":
+  def select(self, levels: Ladder | Sequence[str]) -> "CostTable":
     """The costs of some of the levels, in the given order; the normalization is unchanged."""
-    levels = tuple(levels)
-    if not levels or len(set(levels)) != len(levels) or not set(levels) <= set(self.ladder):
+    levels = precision.parse_ladder(levels)
+    if not set(levels) <= set(self.ladder):
       raise ValueError(f"levels: expected distinct levels of {list(self.ladder)}, got {list(levels)}")
     cols = [self.ladder.index(q) for q in levels]
     return dataclasses.replace(self, ladder=levels, blocks=self.blocks[:, cols])
@@ -190,6 +190,7 @@ def backbone_costs(backbone: Backbone, params: Params, inputs: jax.Array, ladder
     raise ValueError(f"unit: expected one of {UNITS}, got {unit!r}")
   if isinstance(float_bits, bool) or not isinstance(float_bits, int) or float_bits < 1:
     raise ValueError(f"float_bits: expected a positive int, got {float_bits!r}")
+  ladder = precision.parse_ladder(ladder)
   embed_macs, block_macs, head_macs = backbone_macs(backbone, params, inputs)
   embed = _charge(embed_macs, FLOAT, unit, float_bits)
   blocks = np.array([[_charge(m, level, unit, float_bits) for level in ladder]
@@ -197,6 +198,6 @@ def backbone_costs(backbone: Backbone, params: Params, inputs: jax.Array, ladder
   heads = np.array([_charge(m, FLOAT, unit, float_bits) for m in head_macs], np.float64)
   top = int(np.argmax(blocks.sum(axis=0)))
   full = embed + blocks[:, top].sum() + heads[-1]
-  return CostTable(unit=unit, float_bits=float_bits, ladder=tuple(precision.ladder_names(ladder)),
+  return CostTable(unit=unit, float_bits=float_bits, ladder=ladder,
                    embed=embed / full, blocks=blocks / full, heads=heads / full,
                    full_model=float(full))

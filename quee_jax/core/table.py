@@ -14,10 +14,10 @@ import tempfile
 
 import numpy as np
 
-from quee_jax import paths
-from quee_jax.paths import PathFamily
+from quee_jax.core import paths
+from quee_jax.core.exit_stats import FEATURES
+from quee_jax.core.paths import PathFamily
 
-FEATURES = ("max_prob", "margin", "entropy", "kl_parent", "agree_parent")
 FORMAT_VERSION = 1
 _FAMILY_ARRAYS = ("gate", "parent", "level", "history", "cost", "cand_state", "cand_cost")
 

@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from quee_jax.table import StateTable
+from quee_jax.core.table import StateTable
 
 
 def plant_signal(table: StateTable, level: str, seed: int, visible: bool = True) -> StateTable:

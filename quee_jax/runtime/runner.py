@@ -38,11 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quee_jax import features, policy, precision, predictor
-from quee_jax.backbone import Backbone, Params
-from quee_jax.collect import softmax_features, summary_projection
-from quee_jax.cost import CostTable
-from quee_jax.paths import PathFamily
+from quee_jax.core import precision
+
+from quee_jax.gating import features, policy, predictor
+from quee_jax.core.backbone import Backbone, Params
+from quee_jax.core.exit_stats import softmax_features, summary_projection
+from quee_jax.core.cost import CostTable
+from quee_jax.core.paths import PathFamily
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +119,6 @@ class Runner:
   Args:
     backbone: the multi-exit model.
     params: its parameters (exit heads included).
-    ladder: the precision levels to run (names or Levels); must be the ladder
-      the predictors were trained for.
     gating: the trained policy (`gating_from_fitted`, `Gating.with_costs`).
     input_shape: the shape of one input (e.g. (28, 28, 1), or (seq_len,) for token ids).
     input_dtype: the inputs' dtype (float32 images, int32 token ids).
@@ -132,15 +132,11 @@ class Runner:
       ViT on 2 cores: -8% to +7% throughput).
   """
 
-  def __init__(self, backbone: Backbone, params: Params, ladder, gating: Gating, *,
+  def __init__(self, backbone: Backbone, params: Params, gating: Gating, *,
                input_shape: Sequence[int], input_dtype=np.float32, max_batch: int = 1024,
                min_bucket: int = 32, devices: Sequence | None = None,
                lanes_per_device: int | None = None):
     fam = gating.family
-    names = precision.ladder_names(precision.parse_ladder(ladder))
-    if tuple(names) != tuple(fam.ladder):
-      raise ValueError(f"gating: predictors trained for ladder {list(fam.ladder)},"
-                       f" the runner was given {names}")
     if tuple(fam.exits) != tuple(backbone.exits):
       raise ValueError(f"gating: family built for exits {fam.exits}, the backbone has {backbone.exits}")
     p = gating.predictor
@@ -170,7 +166,6 @@ class Runner:
     self.input_dtype = np.dtype(input_dtype)
     self.max_batch, self.buckets = max_batch, _buckets(max_batch, min_bucket)
     self.lanes_per_device = lanes_per_device
-    self._levels = precision.parse_ladder(ladder)
     self._pred_level = precision.parse_level(gating.predictor_level)
     self._onehot = features.state_onehots(fam)
     self._anc_changes = fam.level[np.maximum(fam.parent, 0)] != fam.level  # a switch into s
@@ -215,7 +210,7 @@ class Runner:
     h = bb.embed(params, images) if gate == 0 else hidden[rows]
     if blocks:
       for i in range(bounds[gate], bounds[gate + 1]):
-        h = bb.block(params, i, h, self._levels[level])
+        h = bb.block(params, i, h, fam.ladder[level])
     logits = bb.exit_head(params, gate, h)
     stats = softmax_features(logits, None if gate == 0 else last_logits[rows])
     pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)

@@ -26,8 +26,9 @@ from typing import Sequence
 
 import numpy as np
 
-from quee_jax.backbone import validate_exits
-from quee_jax.cost import CostTable
+from quee_jax.core import precision
+from quee_jax.core.backbone import validate_exits
+from quee_jax.core.cost import CostTable
 
 EXIT = 0  # candidate slot of "exit now"
 
@@ -50,7 +51,8 @@ class PathFamily:
 
   Attributes:
     name: family name (see FAMILIES).
-    ladder: level names; a level index q refers to ladder[q].
+    ladder: the levels (`precision.Level`, each its own name); a level index q refers to
+      ladder[q].
     exits: block counts of the gates (exit positions).
     start_levels: level indices a path may start at.
     costs: the normalized cost table the costs below come from.
@@ -77,7 +79,7 @@ class PathFamily:
   """
 
   name: str
-  ladder: tuple[str, ...]
+  ladder: precision.Ladder
   exits: tuple[int, ...]
   start_levels: tuple[int, ...]
   costs: CostTable
@@ -118,6 +120,10 @@ class PathFamily:
     while self.parent[out[-1]] >= 0:
       out.append(int(self.parent[out[-1]]))
     return out[::-1]
+
+  def chain(self, level: int) -> np.ndarray:
+    """[G] states of the constant-level path at `level` (an index), one per gate."""
+    return np.array([self.find([self.ladder[level]] * e) for e in self.exits])
 
   def block_levels(self, state: int) -> list[str]:
     """Level name of every block the state has run."""
@@ -196,15 +202,15 @@ def _next_levels(rule: str, gate: int, level: int, switched: bool, num_levels: i
   return list(range(num_levels)) if free else [level]
 
 
-def build_family(name: str, ladder: Sequence[str], exits: tuple[int, ...], costs: CostTable,
+def build_family(name: str, ladder: precision.Ladder | Sequence[str], exits: tuple[int, ...], costs: CostTable,
                  start_levels: Sequence[int] | None = None,
                  gate_overhead: Sequence[float] | None = None, top: int | None = None
                  ) -> PathFamily:
-  """Builds the trie of `name` over `ladder` (names) and gates at `exits`.
+  """Builds the trie of `name` over `ladder` and gates at `exits`.
 
   Args:
     name: one of FAMILIES.
-    ladder: level names, most precise first by convention.
+    ladder: the levels (a `precision.Ladder`, or names), most precise first by convention.
     exits: block counts after which an exit head sits (last = number of blocks).
     costs: normalized costs of the same backbone and ladder.
     start_levels: level indices a path may start at (default: every level).
@@ -214,7 +220,7 @@ def build_family(name: str, ladder: Sequence[str], exits: tuple[int, ...], costs
   """
   if name not in _RULES:
     raise ValueError(f"family: expected one of {FAMILIES}, got {name!r}")
-  ladder = tuple(str(q) for q in ladder)
+  ladder = precision.parse_ladder(ladder)
   exits = validate_exits(tuple(exits), costs.blocks.shape[0])
   if ladder != tuple(costs.ladder):
     raise ValueError(f"costs: computed for ladder {list(costs.ladder)}, not {list(ladder)}")

@@ -18,11 +18,14 @@ from typing import Sequence
 
 import numpy as np
 
-from quee_jax import (baselines, diagnostics, features, metrics, paths, policy, predictor,
-                      synthetic, targets)
-from quee_jax.metrics import REPORT_BUDGETS, budget_key
-from quee_jax.paths import PathFamily
-from quee_jax.table import StateTable
+from quee_jax.core import paths
+
+from quee_jax.gating import features, policy, predictor, targets
+
+from quee_jax.protocol import baselines, diagnostics, metrics, synthetic
+from quee_jax.protocol.metrics import REPORT_BUDGETS, budget_key
+from quee_jax.core.paths import PathFamily
+from quee_jax.core.table import StateTable
 
 log = logging.getLogger(__name__)
 
@@ -449,7 +452,7 @@ def signal_recovery(fit: StateTable, cal: StateTable, test: StateTable, level: s
                     cfg: EvalConfig = EvalConfig(), save_dir: str | None = None) -> dict:
   """QuEE vs the naive combination on tables with a planted precision signal.
 
-  See `quee_jax.synthetic`. The tables are restricted to two levels, the full
+  See `quee_jax.protocol.synthetic`. The tables are restricted to two levels, the full
   model's and the planted one: with more, other levels may own the budgets where
   the planted one would pay (on the Fashion-MNIST ViT, w8a8 and w4a4 do for
   w2a4), and the check would test the ladder instead of the machinery. With the

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from quee_jax import metrics
-from quee_jax.baselines import chain
-from quee_jax.paths import EXIT
-from quee_jax.table import StateTable
+from quee_jax.protocol import metrics
+from quee_jax.core.paths import EXIT
+from quee_jax.core.table import StateTable
 
 
 def exit_auroc(table: StateTable, predicted: np.ndarray) -> list[dict]:
   fam = table.family
   out = []
-  for g, s in enumerate(chain(fam, fam.top)):
+  for g, s in enumerate(fam.chain(fam.top)):
     if not fam.cand_mask[s, EXIT]:
       continue
     wrong = ~table.correct[s]
@@ -67,7 +66,7 @@ def switch_signal(table: StateTable, predicted: np.ndarray) -> list[dict]:
 
 def flips(table: StateTable) -> list[dict]:
   fam = table.family
-  finals = {q: chain(fam, i)[-1] for i, q in enumerate(fam.ladder)}
+  finals = {q: fam.chain(i)[-1] for i, q in enumerate(fam.ladder)}
   out = []
   for i, a in enumerate(fam.ladder):
     for b in fam.ladder[i + 1:]:

@@ -16,20 +16,19 @@ Quantization choices (post-training, no calibration data):
   * attention QK^T and AV multiply two activations: both sides are quantized at
     the activation bits (`einsum(..., both_activations=True)`).
 
-On NVIDIA GPUs, XLA's Triton GEMM emitter computes some s8 x s8 -> s32 dots
+On NVIDIA GPUs, XLA's Triton GEMM emitter computed some s8 x s8 -> s32 dots
 wrong (measured on an H100 with jax 0.11.2: a plain `lax.dot_general` of
 [256, 33] x [33, 16] int8 matched the exact product on 0% of outputs; with
-autotuning off, every quantized level of the ViT was wrong), while cuBLAS gets
-all of them right. So importing this module adds
-`--xla_gpu_enable_triton_gemm=false` to XLA_FLAGS unless the user set that flag
-themselves. XLA reads XLA_FLAGS when jax starts its backends, so this takes
-effect when quee_jax is imported before the first computation;
-`quee_jax.device_check` catches what gets through.
+autotuning off, every quantized level of the ViT was wrong), while cuBLAS got
+all of them right. `avoid_triton_gemm()` adds `--xla_gpu_enable_triton_gemm=false`
+to XLA_FLAGS; the entry points (`experiments/`, the Colab notebooks) call it
+before jax starts, and code that imports these functions into its own program
+should do the same on a GPU (importing quee_jax changes nothing by itself).
+`quee_jax.runtime.device_check` catches what gets through.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import re
@@ -60,84 +59,108 @@ def xla_flags_avoiding_triton_gemm(flags: str | None) -> str:
   return f"{flags} {TRITON_GEMM_FLAG}=false".strip()
 
 
-os.environ["XLA_FLAGS"] = xla_flags_avoiding_triton_gemm(os.environ.get("XLA_FLAGS"))
+def avoid_triton_gemm() -> str:
+  """Turns XLA's Triton GEMM off for this process (module docstring); returns XLA_FLAGS.
+
+  XLA reads XLA_FLAGS when jax starts its backends, so call this before the
+  first computation. A user's own setting of the flag stands. Harmless where
+  there is no GPU.
+  """
+  os.environ["XLA_FLAGS"] = xla_flags_avoiding_triton_gemm(os.environ.get("XLA_FLAGS"))
+  return os.environ["XLA_FLAGS"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Level:
-  """A precision level: float (both bits None) or integer weights/activations."""
+@functools.cache
+def _bits(name: str) -> tuple[int, int] | None:
+  """(weight bits, activation bits) of a canonical level name; None for float."""
+  if name == "float":
+    return None
+  match = _LEVEL_RE.match(name)
+  return int(match.group(1)), int(match.group(2))
 
-  w_bits: int | None = None
-  a_bits: int | None = None
 
-  def __post_init__(self):
-    if (self.w_bits is None) != (self.a_bits is None):
-      raise ValueError(
-          "Level: w_bits and a_bits must both be set or both be None (float),"
-          f" got w_bits={self.w_bits}, a_bits={self.a_bits}")
-    for arg in ("w_bits", "a_bits"):
-      bits = getattr(self, arg)
-      if bits is None:
-        continue
-      if isinstance(bits, bool) or not isinstance(bits, int):
-        raise ValueError(f"Level: {arg} must be an int, got {bits!r}")
-      if not MIN_BITS <= bits <= MAX_BITS:
+class Level(str):
+  """A precision level, which is its own name: 'float' or 'w<bits>a<bits>' (e.g. 'w4a8').
+
+  A Level is a `str`, so a ladder prints, compares with config strings and goes
+  into JSON as it is; its bits are parsed once, when it is made. Build one with
+  `parse_level` (or `Level(name)`, `Level.from_bits(w, a)`).
+  """
+
+  __slots__ = ()
+
+  def __new__(cls, name: "str | Level") -> "Level":
+    if isinstance(name, Level):
+      return name
+    if not isinstance(name, str):
+      raise ValueError(f"level: expected a name such as 'float' or 'w4a4', got {name!r}")
+    canon = name.strip().lower()
+    if canon != "float":
+      match = _LEVEL_RE.match(canon)
+      bits = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+      if not all(MIN_BITS <= b <= MAX_BITS for b in bits):
         raise ValueError(
-            f"Level: {arg} must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
+            f"level: expected 'float' or 'w<bits>a<bits>' with bits in "
+            f"[{MIN_BITS}, {MAX_BITS}] (e.g. 'w8a8', 'w4a4'), got {name!r}")
+      canon = f"w{bits[0]}a{bits[1]}"
+    return super().__new__(cls, canon)
+
+  @classmethod
+  def from_bits(cls, w_bits: int, a_bits: int) -> "Level":
+    """The level with integer weights and activations of these widths."""
+    for arg, bits in (("w_bits", w_bits), ("a_bits", a_bits)):
+      if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"Level: {arg} must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    return cls(f"w{w_bits}a{a_bits}")
 
   @property
   def is_float(self) -> bool:
-    return self.w_bits is None
+    return _bits(str(self)) is None
+
+  @property
+  def w_bits(self) -> int | None:
+    bits = _bits(str(self))
+    return None if bits is None else bits[0]
+
+  @property
+  def a_bits(self) -> int | None:
+    bits = _bits(str(self))
+    return None if bits is None else bits[1]
 
   @property
   def name(self) -> str:
-    return "float" if self.is_float else f"w{self.w_bits}a{self.a_bits}"
-
-  def __str__(self) -> str:
-    return self.name
+    return str(self)
 
 
-FLOAT = Level()
+FLOAT = Level("float")
 Ladder = tuple[Level, ...]
 
 
 def parse_level(level: str | Level) -> Level:
-  """Parses 'float' or 'w<bits>a<bits>' (e.g. 'w4a8'); a Level passes through."""
-  if isinstance(level, Level):
-    return level
-  if not isinstance(level, str):
-    raise ValueError(f"level: expected a name such as 'float' or 'w4a4', got {level!r}")
-  name = level.strip().lower()
-  if name == "float":
-    return FLOAT
-  match = _LEVEL_RE.match(name)
-  bits = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-  if not all(MIN_BITS <= b <= MAX_BITS for b in bits):
-    raise ValueError(
-        f"level: expected 'float' or 'w<bits>a<bits>' with bits in "
-        f"[{MIN_BITS}, {MAX_BITS}] (e.g. 'w8a8', 'w4a4'), got {level!r}")
-  return Level(*bits)
+  """Parses 'float' or 'w<bits>a<bits>' (any case, e.g. 'W4A8'); a Level passes through."""
+  return Level(level)
 
 
 def parse_ladder(levels: str | Sequence[str | Level]) -> Ladder:
   """Parses an ordered ladder, e.g. 'float,w4a4,w2a4' or ['float', 'w4a4'].
 
-  The order is the user's (by convention most precise first); duplicates are
-  rejected since every level indexes a distinct set of states.
+  The order is the user's (by convention most precise first); empty entries and
+  duplicates are rejected, since every level indexes a distinct set of states.
   """
   if isinstance(levels, str):
-    levels = [s for s in levels.split(",") if s.strip()]
+    items = levels.split(",")
+    if any(not item.strip() for item in items) and levels.strip():
+      raise ValueError(f"ladder: expected comma-separated levels, got an empty entry in {levels!r}")
+    levels = [item for item in items if item.strip()]
+  elif isinstance(levels, Level) or not isinstance(levels, Sequence):
+    raise ValueError(f"ladder: expected a comma-separated string or a sequence of levels,"
+                     f" got {levels!r}")
   ladder = tuple(parse_level(level) for level in levels)
   if not ladder:
     raise ValueError("ladder: expected at least one level, got none")
-  names = [level.name for level in ladder]
-  if len(set(names)) != len(names):
-    raise ValueError(f"ladder: levels must be distinct, got {names}")
+  if len(set(ladder)) != len(ladder):
+    raise ValueError(f"ladder: levels must be distinct, got {list(ladder)}")
   return ladder
-
-
-def ladder_names(ladder: Ladder) -> list[str]:
-  return [level.name for level in ladder]
 
 
 def _aqt_config(lhs_bits: int, rhs_bits: int):
@@ -168,6 +191,7 @@ def dot_general(level: Level, *, both_activations: bool = False) -> Callable:
 
   `float` returns `lax.dot_general` itself: no AQT code runs at that level.
   """
+  level = parse_level(level)
   if level.is_float:
     return lax.dot_general
   rhs_bits = level.a_bits if both_activations else level.w_bits
@@ -192,7 +216,7 @@ def einsum(eqn: str, lhs: jax.Array, rhs: jax.Array, level: Level, *,
 
 
 def _einsum(eqn, lhs, rhs, level, both_activations):
-  if level.is_float:
+  if parse_level(level).is_float:
     return jnp.einsum(eqn, lhs, rhs)
   return aqt_dot_general.einsum(
       eqn, lhs, rhs, dg=dot_general(level, both_activations=both_activations))

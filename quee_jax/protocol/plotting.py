@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from matplotlib.figure import Figure
 
-from quee_jax import metrics
+from quee_jax.protocol import metrics
 
 STYLE = {
     "quee": dict(color="C3", lw=2.2, marker="o", ms=3, zorder=5),

@@ -22,8 +22,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from quee_jax import cost, precision
-from quee_jax.paths import PathFamily
+from quee_jax.core import cost, precision
+from quee_jax.core.paths import PathFamily
 
 Params = dict[str, Any]
 MLP_KEYS = ("mean", "std", "w1", "b1", "w2", "b2")  # the network; "shrink" may sit beside it

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from quee_jax.paths import PathFamily
-from quee_jax.table import StateTable
+from quee_jax.core.paths import PathFamily
+from quee_jax.core.table import StateTable
 
 
 def full_depth_cost(family: PathFamily, level: int) -> float:
@@ -29,16 +29,10 @@ def full_depth_cost(family: PathFamily, level: int) -> float:
   return float(c.embed + c.blocks[:, level].sum() + c.heads[-1])
 
 
-def chain(family: PathFamily, level: int) -> np.ndarray:
-  """[G] states of the constant-level path at `level`, one per gate."""
-  name = family.ladder[level]
-  return np.array([family.find([name] * e) for e in family.exits])
-
-
 def full_model(table: StateTable) -> dict:
   fam = table.family
   top = fam.top
-  s = chain(fam, top)[-1]
+  s = fam.chain(top)[-1]
   return {"level": fam.ladder[top], "accuracy": float(table.correct[s].mean()),
           "cost": full_depth_cost(fam, top), "pred": table.pred[s]}
 
@@ -47,7 +41,7 @@ def static(table: StateTable) -> list[dict]:
   """One point per level: full depth at that level."""
   fam = table.family
   return [{"param": fam.ladder[q], "cost": full_depth_cost(fam, q),
-           "accuracy": float(table.correct[chain(fam, q)[-1]].mean())}
+           "accuracy": float(table.correct[fam.chain(q)[-1]].mean())}
           for q in range(len(fam.ladder))]
 
 
@@ -89,7 +83,7 @@ def apply_thresholds(max_prob: np.ndarray, thresholds: np.ndarray) -> np.ndarray
 def confidence_exit(fit: StateTable, table: StateTable, level: int,
                     ratios=DEFAULT_RATIOS) -> list[dict]:
   """Confidence early exit at one level: thresholds fitted on `fit`, applied to `table`."""
-  states = chain(fit.family, level)
+  states = fit.family.chain(level)
   points = []
   for r in ratios:
     thr = fit_thresholds(fit.features["max_prob"][states], msdnet_shares(len(states), r))
@@ -102,7 +96,7 @@ def confidence_exit(fit: StateTable, table: StateTable, level: int,
 def confidence_states_at(table: StateTable, param: dict) -> np.ndarray:
   """[N] the state each sample of `table` exits at under a confidence-exit point's thresholds."""
   fam = table.family
-  states = chain(fam, fam.ladder.index(param["level"]))
+  states = fam.chain(fam.ladder.index(param["level"]))
   return states[apply_thresholds(table.features["max_prob"][states], np.asarray(param["thresholds"]))]
 
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 
-from quee_jax.precision import Level
+from quee_jax.core.precision import Level
 
 Params = Any
 
