@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -195,6 +195,17 @@ def from_spec(spec: dict) -> PathFamily:
                       spec.get("gate_overhead"), spec.get("top"))
 
 
+class _State(NamedTuple):
+  """A trie state while the family is built; `PathFamily` keeps each field as an array."""
+  gate: int
+  parent: int  # -1 for a root
+  level: int  # of the last segment
+  start: int  # level of the first segment
+  switched: bool  # whether the history contains a level change
+  history: tuple[int, ...]  # level index per block run
+  cost: float  # cumulative, as `PathFamily.cost`
+
+
 def _next_levels(rule: str, gate: int, level: int, switched: bool, num_levels: int
                  ) -> list[int]:
   """Levels the segment after `gate` may run at, from a state at `gate`."""
@@ -202,22 +213,12 @@ def _next_levels(rule: str, gate: int, level: int, switched: bool, num_levels: i
   return list(range(num_levels)) if free else [level]
 
 
-def build_family(name: str, ladder: precision.Ladder | Sequence[str], exits: tuple[int, ...], costs: CostTable,
-                 start_levels: Sequence[int] | None = None,
-                 gate_overhead: Sequence[float] | None = None, top: int | None = None
-                 ) -> PathFamily:
-  """Builds the trie of `name` over `ladder` and gates at `exits`.
-
-  Args:
-    name: one of FAMILIES.
-    ladder: the levels (a `precision.Ladder`, or names), most precise first by convention.
-    exits: block counts after which an exit head sits (last = number of blocks).
-    costs: normalized costs of the same backbone and ladder.
-    start_levels: level indices a path may start at (default: every level).
-    gate_overhead: cost charged at each gate besides its exit head, e.g. the
-      predictor that takes the decision there (default 0).
-    top: the full model's level index (default: the most expensive by `costs`).
-  """
+def _check_args(name: str, ladder: precision.Ladder | Sequence[str], exits: tuple[int, ...],
+                costs: CostTable, start_levels: Sequence[int] | None,
+                gate_overhead: Sequence[float] | None, top: int | None
+                ) -> tuple[precision.Ladder, tuple[int, ...], tuple[int, ...], np.ndarray, int]:
+  """`build_family`'s arguments validated and normalized: (ladder, exits, start_levels,
+  gate overhead array, top)."""
   if name not in _RULES:
     raise ValueError(f"family: expected one of {FAMILIES}, got {name!r}")
   ladder = precision.parse_ladder(ladder)
@@ -234,72 +235,118 @@ def build_family(name: str, ladder: precision.Ladder | Sequence[str], exits: tup
     raise ValueError(f"start_levels: expected distinct level indices in [0, {num_levels}),"
                      f" got {start_levels}")
   start_levels = tuple(int(q) for q in start_levels)
-  overhead = np.zeros(len(exits)) if gate_overhead is None else np.asarray(gate_overhead, np.float64)
+  overhead = (np.zeros(len(exits)) if gate_overhead is None
+              else np.asarray(gate_overhead, np.float64))
   if overhead.shape != (len(exits),) or (overhead < 0).any():
-    raise ValueError(f"gate_overhead: expected {len(exits)} non-negative costs, got {gate_overhead}")
+    raise ValueError(f"gate_overhead: expected {len(exits)} non-negative costs,"
+                     f" got {gate_overhead}")
   if top is None:
     top = int(np.argmax(costs.blocks.sum(axis=0)))
   if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or not 0 <= top < num_levels:
     raise ValueError(f"top: expected a level index in [0, {num_levels}), got {top!r}")
-  top = int(top)
-  rule, early_exit = _RULES[name]
-  num_gates, num_blocks = len(exits), exits[-1]
+  return ladder, exits, start_levels, overhead, int(top)
+
+
+def _segment_costs(costs: CostTable, exits: tuple[int, ...], overhead: np.ndarray
+                   ) -> list[list[float]]:
+  """[G][Q] cost of the segment ending at gate g at level q: blocks, exit head, overhead."""
   bounds = (0,) + exits
+  return [[costs.blocks[bounds[g]:bounds[g + 1], q].sum() + costs.heads[g] + overhead[g]
+           for q in range(len(costs.ladder))] for g in range(len(exits))]
 
-  def seg_cost(gate, q):
-    return costs.blocks[bounds[gate]:bounds[gate + 1], q].sum() + costs.heads[gate] + overhead[gate]
 
-  # Each state: (gate, parent, level, start, switched, history tuple, cost).
-  states = [(0, -1, q, q, False, (q,) * exits[0], costs.embed + seg_cost(0, q))
+def _grow_states(rule: str, exits: tuple[int, ...], start_levels: tuple[int, ...],
+                 embed: float, seg_cost: list[list[float]]) -> list[_State]:
+  """Every state of the family, gate by gate: the roots at gate 0 (one per start level),
+  then each state of the previous gate extended by one segment at each level it may
+  take; the children of a gate are sorted by (segment level, parent)."""
+  num_levels = len(seg_cost[0])
+  states = [_State(0, -1, q, q, False, (q,) * exits[0], embed + seg_cost[0][q])
             for q in start_levels]
   frontier = list(range(len(states)))
-  for gate in range(1, num_gates):
+  for gate in range(1, len(exits)):
     children = []
     for p in frontier:
-      _, _, lp, start, switched, hist, cost = states[p]
-      for q in _next_levels(rule, gate - 1, lp, switched, num_levels):
+      st = states[p]
+      for q in _next_levels(rule, gate - 1, st.level, st.switched, num_levels):
         seg = (q,) * (exits[gate] - exits[gate - 1])
-        children.append((gate, p, q, start, switched or q != lp, hist + seg,
-                         cost + seg_cost(gate, q)))
-    children.sort(key=lambda s: (s[2], s[1]))
+        children.append(_State(gate, p, q, st.start, st.switched or q != st.level,
+                               st.history + seg, st.cost + seg_cost[gate][q]))
+    children.sort(key=lambda c: (c.level, c.parent))
     frontier = list(range(len(states), len(states) + len(children)))
     states.extend(children)
+  return states
 
-  num_states = len(states)
-  history = np.full((num_states, num_blocks), -1, np.int32)
-  for s, st in enumerate(states):
-    history[s, :len(st[5])] = st[5]
-  cost = np.array([st[6] for st in states], np.float64)
-  index = {st[5]: s for s, st in enumerate(states)}
 
+def _candidate_arrays(states: list[_State], rule: str, early_exit: bool,
+                      exits: tuple[int, ...], num_levels: int, top: int
+                      ) -> tuple[tuple, np.ndarray, np.ndarray]:
+  """(candidates, cand_state [S, C], reference [S]) in the padded candidate layout."""
+  num_gates = len(exits)
+  index = {st.history: s for s, st in enumerate(states)}
   candidates = (None,) + tuple((q, m) for q in range(num_levels) for m in range(num_gates))
-  cand_state = np.full((num_states, len(candidates)), -1, np.int32)
-  reference = np.full(num_states, EXIT, np.int32)
-  for s, (gate, _, level, _, switched, hist, _) in enumerate(states):
-    if early_exit or gate == num_gates - 1:
+  cand_state = np.full((len(states), len(candidates)), -1, np.int32)
+  reference = np.full(len(states), EXIT, np.int32)
+  for s, st in enumerate(states):
+    if early_exit or st.gate == num_gates - 1:
       cand_state[s, EXIT] = s
-    if gate == num_gates - 1:
+    if st.gate == num_gates - 1:
       continue  # the last gate always exits
-    targets = range(gate + 1, num_gates) if early_exit else [num_gates - 1]
-    allowed = _next_levels(rule, gate, level, switched, num_levels)
+    targets = range(st.gate + 1, num_gates) if early_exit else [num_gates - 1]
+    allowed = _next_levels(rule, st.gate, st.level, st.switched, num_levels)
     for q in allowed:
       for m in targets:
-        cand_state[s, 1 + q * num_gates + m] = index[hist + (q,) * (exits[m] - exits[gate])]
-    reference[s] = 1 + (top if top in allowed else level) * num_gates + num_gates - 1
-  child = np.full((num_states, num_levels), -1, np.int32)
-  for s, (gate, parent, level, *_) in enumerate(states):
-    if parent >= 0:
-      child[parent, level] = s
+        seg = (q,) * (exits[m] - exits[st.gate])
+        cand_state[s, 1 + q * num_gates + m] = index[st.history + seg]
+    reference[s] = 1 + (top if top in allowed else st.level) * num_gates + num_gates - 1
+  return candidates, cand_state, reference
+
+
+def _child_array(states: list[_State], num_levels: int) -> np.ndarray:
+  """[S, Q] the state one segment on at level q (-1 where not allowed)."""
+  child = np.full((len(states), num_levels), -1, np.int32)
+  for s, st in enumerate(states):
+    if st.parent >= 0:
+      child[st.parent, st.level] = s
+  return child
+
+
+def build_family(name: str, ladder: precision.Ladder | Sequence[str], exits: tuple[int, ...],
+                 costs: CostTable, start_levels: Sequence[int] | None = None,
+                 gate_overhead: Sequence[float] | None = None, top: int | None = None
+                 ) -> PathFamily:
+  """Builds the trie of `name` over `ladder` and gates at `exits`.
+
+  Args:
+    name: one of FAMILIES.
+    ladder: the levels (a `precision.Ladder`, or names), most precise first by convention.
+    exits: block counts after which an exit head sits (last = number of blocks).
+    costs: normalized costs of the same backbone and ladder.
+    start_levels: level indices a path may start at (default: every level).
+    gate_overhead: cost charged at each gate besides its exit head, e.g. the
+      predictor that takes the decision there (default 0).
+    top: the full model's level index (default: the most expensive by `costs`).
+  """
+  ladder, exits, start_levels, overhead, top = _check_args(
+      name, ladder, exits, costs, start_levels, gate_overhead, top)
+  rule, early_exit = _RULES[name]
+  num_levels = len(ladder)
+  states = _grow_states(rule, exits, start_levels, costs.embed,
+                        _segment_costs(costs, exits, overhead))
+
+  history = np.full((len(states), exits[-1]), -1, np.int32)
+  for s, st in enumerate(states):
+    history[s, :len(st.history)] = st.history
+  col = _State(*zip(*states))  # field by field: each a tuple over the states
+  cost = np.array(col.cost, np.float64)
+  candidates, cand_state, reference = _candidate_arrays(
+      states, rule, early_exit, exits, num_levels, top)
   cand_mask = cand_state >= 0
   cand_cost = np.where(cand_mask, cost[np.maximum(cand_state, 0)] - cost[:, None], 0.0)
-
   return PathFamily(
       name=name, ladder=ladder, exits=exits, start_levels=start_levels, costs=costs, top=top,
-      gate_overhead=overhead,
-      gate=np.array([st[0] for st in states], np.int32),
-      parent=np.array([st[1] for st in states], np.int32),
-      level=np.array([st[2] for st in states], np.int32),
-      start_level=np.array([st[3] for st in states], np.int32),
-      switched=np.array([st[4] for st in states], bool),
-      history=history, cost=cost, child=child, candidates=candidates,
+      gate_overhead=overhead, gate=np.array(col.gate, np.int32),
+      parent=np.array(col.parent, np.int32), level=np.array(col.level, np.int32),
+      start_level=np.array(col.start, np.int32), switched=np.array(col.switched, bool),
+      history=history, cost=cost, child=_child_array(states, num_levels), candidates=candidates,
       cand_state=cand_state, cand_cost=cand_cost, cand_mask=cand_mask, reference=reference)
