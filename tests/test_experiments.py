@@ -288,7 +288,7 @@ def test_bench_runtime_on_a_finished_workdir(finished, tmp_path):
 
 
 def test_half_point_needs_confidence_that_the_drop_is_within_bounds():
-  from experiments.bench_runtime import half_point
+  half_point = q.protocol.half_point
   rng = np.random.default_rng(0)
   full = rng.random(2000) < 0.8
   # cheap: the same accuracy as the full model's, but right on other samples (noisy);
@@ -303,6 +303,15 @@ def test_half_point_needs_confidence_that_the_drop_is_within_bounds():
   assert half_point(sweep, full, 0.005, z=0.0) == (3.0, 2)  # the mean alone takes the noise
   assert half_point(sweep, full, 0.005, z=1.645) == (1.0, 1)
   assert half_point(sweep, full, 0.001, z=1.645) == (0.0, 0)  # only the full model is sure
+
+
+def test_test_chosen_is_the_most_accurate_point_within_the_cap():
+  sweep = types.SimpleNamespace(lambdas=np.array([3., 1., 0.]), starts=np.array([2, 1, 0]),
+                                mean_cost=lambda: np.array([0.1, 0.5, 1.0]),
+                                accuracy=lambda: np.array([0.7, 0.9, 0.85]))
+  assert q.protocol.test_chosen(sweep, 1.0) == (1.0, 1)
+  assert q.protocol.test_chosen(sweep, 0.4) == (3.0, 2)
+  assert q.protocol.test_chosen(sweep, 0.05) == (3.0, 2)  # none within the cap: the cheapest
 
 
 def test_in_sample_ceiling_on_a_finished_workdir(finished, tmp_path):

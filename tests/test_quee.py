@@ -1,6 +1,6 @@
 """Targets, predictors, features, diagnostics and the whole evaluation on synthetic tables."""
 
-import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -8,7 +8,7 @@ import pytest
 
 import quee_jax as q
 from quee_jax.gating import features, predictor, targets
-from quee_jax.protocol import diagnostics, synthetic
+from quee_jax.protocol import diagnostics
 from quee_jax.core.table import StateTable
 from quee_jax import protocol
 
@@ -219,10 +219,19 @@ def test_a_family_on_some_of_its_levels_keeps_their_states_and_costs(tables):
     protocol.signal_recovery(t, t, t, "float")
 
 
-def test_evaluate_budget_mode_and_fallback(tables):
+def test_evaluate_budget_mode_and_fallback(tables, tmp_path):
   cfg = protocol.EvalConfig(seeds=(0, 1), predictor=predictor.PredictorConfig(epochs=10),
                             variants=("quee",))
-  res = protocol.evaluate(tables["fit"], tables["cal"], tables["test"], cfg)
+  save_dir = str(tmp_path / "predictors")
+  res = protocol.evaluate(tables["fit"], tables["cal"], tables["test"], cfg, save_dir=save_dir)
+  # A rerun loads the saved runs: the same results, through the typed runs and back.
+  resumed = protocol.evaluate(tables["fit"], tables["cal"], tables["test"], cfg, save_dir=save_dir)
+  assert json.dumps(resumed) == json.dumps(res)
+  with open(tmp_path / "predictors" / "quee" / "seed_0.json") as f:
+    saved = json.load(f)
+  assert protocol.SeedRun.from_json(saved).to_json() == saved and "details" in saved
+  first = res["methods"]["quee"]["seeds"][0]
+  assert first == {"seed": 0, **{k: v for k, v in saved.items() if k != "details"}}
   q_ = res["methods"]["quee"]
   for b, e in q_["budget_mode"].items():
     budget = float(b)
@@ -244,6 +253,26 @@ def test_evaluate_budget_mode_and_fallback(tables):
   assert res["full_model"]["cost"] == pytest.approx(1.0, abs=1e-3)
   oracle = res["methods"]["oracle_path"]
   assert oracle["auc"] >= max(m["auc"] for m in res["methods"].values())
+
+
+def test_budget_entry_json_keeps_the_saved_layout():
+  own = protocol.PolicyMix("w8a8", q.gating.policy.BudgetMix(0.1, 0.2, 0.5),
+                           protocol.Outcome(0.25, 0.8, 0.26, 0.79))
+  param = {"level": "float", "ratio": 1.0, "thresholds": [0.9, float("inf")]}
+  naive = protocol.NaiveMix(param, param, 0.0, protocol.Outcome(0.2, 0.81, 0.21, 0.8))
+  fell = protocol.BudgetEntry(own, naive, fallback=True, cal_gain=-0.01, cal_gain_se=0.01)
+  d = fell.to_json()
+  # The chosen point's numbers first (the naive one's here), QuEE's own under "policy".
+  assert list(d) == ["cal_gain", "cal_gain_se", "cal_cost", "cal_accuracy", "test_cost",
+                     "test_accuracy", "fallback", "policy", "naive"]
+  assert d["test_accuracy"] == 0.8 and d["policy"]["test_accuracy"] == 0.79
+  assert list(d["policy"])[:4] == ["start", "lambda", "lambda_rich", "p_rich"]
+  assert protocol.BudgetEntry.from_json(json.loads(json.dumps(d))) == fell
+  alone = protocol.BudgetEntry(own, None, fallback=False)
+  assert "cal_gain" not in alone.to_json() and alone.to_json()["naive"] is None
+  assert protocol.BudgetEntry.from_json(alone.to_json()) == alone
+  with pytest.raises(ValueError, match="fallback"):
+    protocol.BudgetEntry(own, None, fallback=True)
 
 
 def test_shrinkage_keeps_signal_and_drops_noise():

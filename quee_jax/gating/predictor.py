@@ -38,7 +38,7 @@ class PredictorConfig:
   weight_decay: float = 1e-4
   val_fraction: float = 0.2
   patience: int = 6  # epochs without validation improvement before stopping
-  level: str = "w8a8"  # precision the predictor runs (and is counted) at
+  level: precision.Level = precision.Level("w8a8")  # what it runs (and is counted) at; a name works
   seed: int = 0
 
   def __post_init__(self):
@@ -47,7 +47,10 @@ class PredictorConfig:
         raise ValueError(f"PredictorConfig.{name}: expected >= 1, got {getattr(self, name)}")
     if not 0 < self.val_fraction < 1:
       raise ValueError(f"PredictorConfig.val_fraction: expected in (0, 1), got {self.val_fraction}")
-    precision.parse_level(self.level)
+    try:
+      object.__setattr__(self, "level", precision.parse_level(self.level))
+    except ValueError as e:
+      raise ValueError(f"PredictorConfig.{e}") from None
 
 
 def init(key: jax.Array, num_gates: int, num_features: int, num_candidates: int,
@@ -93,8 +96,7 @@ def gate_overhead(family: PathFamily, num_features: int, cfg: PredictorConfig) -
   """[G] normalized cost of the predictor at each gate (none at the last, which always exits)."""
   c = family.costs
   macs = macs_per_gate(num_features, cfg.hidden, len(family.candidates))
-  level = precision.parse_level(cfg.level)
-  raw = macs.total if c.unit == "macs" else cost.bops(macs, level, c.float_bits)
+  raw = macs.total if c.unit == "macs" else cost.bops(macs, cfg.level, c.float_bits)
   out = np.full(family.num_gates, raw / c.full_model)
   out[-1] = 0.0
   return out

@@ -16,7 +16,7 @@ from quee_jax.core import paths, precision
 from quee_jax.core.precision import Ladder, Level
 from quee_jax.gating import predictor
 from quee_jax.models import bert, bert_import
-from quee_jax.protocol import evaluation
+from quee_jax import protocol
 
 STAGES = ("backbone", "exit_heads", "tables", "evaluate", "report")
 COST_UNITS = ("bops", "macs")
@@ -31,7 +31,7 @@ class Plan:
   backbone: train.TrainConfig | None  # None: the init_from checkpoint as it is
   exit_heads: train.TrainConfig
   exit_heads_level: Level
-  eval: evaluation.EvalConfig
+  eval: protocol.EvalConfig
   stages: tuple[str, ...]
 
 
@@ -93,7 +93,7 @@ def make_plan(c: ml_collections.ConfigDict, stages=STAGES) -> Plan:
       raise ValueError(f"--config.collect.{k}: expected a {'positive' if k == 'batch_size' else 'non-negative'} int, got {v!r}")
   pred = checked("eval.predictor", predictor.PredictorConfig, **c.eval.predictor)
   ev = c.eval
-  eval_cfg = checked("eval", evaluation.EvalConfig, seeds=tuple(ev.seeds), predictor=pred,
+  eval_cfg = checked("eval", protocol.EvalConfig, seeds=tuple(ev.seeds), predictor=pred,
                       min_cluster=ev.min_cluster, max_clusters=ev.max_clusters, alpha=ev.alpha,
                       variants=tuple(ev.variants), budgets=tuple(ev.budgets),
                       soft_floor=ev.soft_floor, fallback_z=ev.fallback_z)

@@ -30,14 +30,14 @@ import time
 import jax
 import ml_collections
 
-from quee_jax import collect, data, models, train
+from quee_jax import collect, data, models, protocol, train
 from quee_jax.core import cost, paths
 from quee_jax.core.table import StateTable, load_table, save_table
 from quee_jax.gating import features
 from quee_jax.models import bert, bert_import, vit_import
 from quee_jax.pipeline.plan import STAGES, Plan, checked, make_plan
 from quee_jax.pipeline.workdir import made_with, stage_dir, stamps, write_json
-from quee_jax.protocol import evaluation, report
+from quee_jax.protocol import report
 from quee_jax.runtime import device_check
 
 
@@ -172,10 +172,10 @@ def evaluate_stage(r: Run, tables: dict[str, StateTable]) -> None:
         len(t.family.candidates))]))
   t0 = time.time()
   # Runs already saved under predictors/ for these tables and settings are loaded.
-  results = evaluation.evaluate(tables["fit"], tables["cal"], tables["test"], plan.eval,
+  results = protocol.evaluate(tables["fit"], tables["cal"], tables["test"], plan.eval,
                                 meta={"dataset": c.dataset}, save_dir=r.path("predictors"))
   if c.eval.signal_level:
-    results["signal_recovery"] = evaluation.signal_recovery(
+    results["signal_recovery"] = protocol.signal_recovery(
         tables["fit"], tables["cal"], tables["test"], c.eval.signal_level,
         dataclasses.replace(plan.eval, seeds=tuple(c.eval.signal_seeds)),
         save_dir=r.path("predictors", "signal"))

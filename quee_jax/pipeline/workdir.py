@@ -16,7 +16,7 @@ import ml_collections
 
 from quee_jax.core import table
 from quee_jax.pipeline.plan import Plan, make_plan
-from quee_jax.protocol import evaluation
+from quee_jax import protocol
 
 def _plain(value):
   """value as it reads back from JSON (tuples become lists), for comparisons."""
@@ -60,7 +60,7 @@ def stamps(c: ml_collections.ConfigDict) -> dict:
                    "cost_unit": c.cost_unit, "summary_dim": c.collect.summary_dim})
   return {"backbone": backbone, "model": model, "tables": tables,
           "eval": _plain({"tables": tables, "eval": c.eval.to_dict(),
-                          "results_version": evaluation.RESULTS_VERSION})}
+                          "results_version": protocol.RESULTS_VERSION})}
 
 
 def load_finished(workdir: str) -> tuple[ml_collections.ConfigDict, Plan, dict]:

@@ -4,6 +4,10 @@
   metrics      log-budget auc, accuracy at budgets, AUROC, ECE
   diagnostics  when QuEE can win: exit-error AUROC, hurt/helped separability, flips
   synthetic    tables with a planted per-sample precision signal
+  config       EvalConfig, QuEE's variants, the results version
+  fitting      a QuEE variant's predictors fitted (or loaded) with their predictions: Fitted
+  choice       operating points chosen on cal: budget mode's (QuEE's, the naive one's), half point
+  storage      saved (variant, seed) runs (SeedRun) and the cache of them under predictors/
   evaluation   QuEE's variants and every baseline -> the results dict (results.json)
   report       markdown tables of a results dict
   plotting     the accuracy-cost figure (imported on first use: it needs matplotlib)
@@ -11,10 +15,14 @@
 
 import importlib
 
-from quee_jax.protocol import baselines, diagnostics, evaluation, metrics, report, synthetic
-from quee_jax.protocol.evaluation import (RESULTS_VERSION, VARIANTS, BudgetPoint, EvalConfig,
-                                          Fitted, budget_point, evaluate, fit_variant,
-                                          load_variant, signal_recovery)
+from quee_jax.protocol import (baselines, choice, config, diagnostics, evaluation, fitting, metrics,
+                               report, storage, synthetic)
+from quee_jax.protocol.choice import (BudgetEntry, BudgetPoint, NaiveMix, Outcome, PolicyMix,
+                                      budget_point, half_point, test_chosen)
+from quee_jax.protocol.config import RESULTS_VERSION, VARIANTS, EvalConfig
+from quee_jax.protocol.evaluation import evaluate, signal_recovery
+from quee_jax.protocol.fitting import Fitted, fit_variant, load_variant
+from quee_jax.protocol.storage import RunDetails, SeedRun
 
 
 def __getattr__(name: str):
