@@ -6,14 +6,15 @@ import os
 import subprocess
 import sys
 
+import chex
 import numpy as np
 import pytest
+from conftest import family, images, labels
 
 import quee_jax as q
+from quee_jax import protocol, runtime
 from quee_jax.gating import predictor
-from quee_jax import runtime
-from quee_jax import protocol
-from conftest import family, images, labels
+from quee_jax.runtime import stage
 
 LAMBDAS = (0.0, 1e-4, 1e-3, 0.01, 0.05, 0.2, 1e3)
 CFG = protocol.EvalConfig(seeds=(0,), min_cluster=20, max_clusters=8, variants=("quee",),
@@ -45,6 +46,15 @@ def setup(tiny):
   runner = runtime.Runner(bb, params, gating, input_shape=x["test"].shape[1:],
                           max_batch=64, min_bucket=8)
   return x, tables, fitted, runner
+
+
+PROGRAM = stage.program  # unwrapped, whatever a test has patched in
+
+
+def limit_traces(monkeypatch, n: int) -> None:
+  """Runners made from here on (in this test) may trace stage programs n times in all."""
+  chex.clear_trace_counter()
+  monkeypatch.setattr(stage, "program", chex.assert_max_traces(PROGRAM, n=n))
 
 
 def simulated(fitted, table, lam):
@@ -104,22 +114,32 @@ def test_explicit_start_levels_per_sample_equal_the_simulated_policy(setup):
   np.testing.assert_array_equal(named.exit_state, runner.classify(x["test"], 0.2, 1).exit_state)
 
 
-def test_compilations_are_bounded_and_do_not_grow_with_batches(setup, tiny):
+def test_compilations_are_bounded_by_gates_levels_and_buckets(setup, tiny, monkeypatch):
   x, _, _, shared = setup
+  fam = shared.family
+  limit_traces(monkeypatch, fam.num_gates * len(fam.ladder) * len(shared.buckets))
   runner = runtime.Runner(tiny[2], tiny[1], shared.gating,
                           input_shape=x["test"].shape[1:], max_batch=64, min_bucket=8)
-  fam = runner.family
-  data = x["test"][:192]  # three passes of max_batch
-  for lam in LAMBDAS:
-    runner.classify(data, lam)
-  seen = runner.num_traces
-  for lam in LAMBDAS:  # four times the batches, the same passes: nothing new to compile
-    runner.classify(np.concatenate([data] * 4), lam)
-  assert runner.num_traces == seen
-  for n in (200, 37, 5, 1):  # every group size
+  for n in (200, 37, 5, 1):  # every group size; one trace too many raises AssertionError
     for lam in LAMBDAS:
       runner.classify(x["test"][:n], lam)
-  assert seen <= runner.num_traces <= fam.num_gates * len(fam.ladder) * len(runner.buckets)
+
+
+def test_a_second_batch_of_the_same_shape_compiles_nothing(setup, tiny, monkeypatch):
+  x, _, _, shared = setup
+  limit_traces(monkeypatch, 0)
+  runner = runtime.Runner(tiny[2], tiny[1], shared.gating,
+                          input_shape=x["test"].shape[1:], max_batch=64, min_bucket=8)
+  data = x["test"][:192]  # three passes of max_batch
+  chex.disable_asserts()  # the first batches compile what they need
+  try:
+    for lam in LAMBDAS:
+      runner.classify(data, lam)
+  finally:
+    chex.enable_asserts()
+  chex.clear_trace_counter()
+  for lam in LAMBDAS:  # four times the batches, the same passes: a trace raises AssertionError
+    runner.classify(np.concatenate([data] * 4), lam)
 
 
 def test_latency_cost_model_is_measured_and_decides_with_the_same_predictors(setup):
@@ -137,10 +157,12 @@ def test_latency_cost_model_is_measured_and_decides_with_the_same_predictors(set
     np.testing.assert_array_equal(out.exit_state, state)
 
 
-def test_bad_input_is_refused_before_any_compute(setup, tiny):
-  x, tables, fitted, runner = setup
+def test_bad_input_is_refused_before_any_compute(setup, tiny, monkeypatch):
+  x, tables, fitted, shared = setup
   cfg, params, bb = tiny
-  before = runner.num_traces
+  limit_traces(monkeypatch, 0)  # a program traced for bad input raises AssertionError
+  runner = runtime.Runner(bb, params, shared.gating, input_shape=x["test"].shape[1:],
+                          max_batch=64, min_bucket=8)
   good = x["test"][:10]
   cases = [
       (good[:, :4], "images: expected shape"),
@@ -155,16 +177,24 @@ def test_bad_input_is_refused_before_any_compute(setup, tiny):
   for lam in (-0.1, np.nan, np.ones(3)):
     with pytest.raises(ValueError, match="lam"):
       runner.classify(good, lam)
-  for start, msg in (("w2a2", "unknown level"), (5, "not start levels"), (np.zeros(3, int), "one per"),
-                     (0.5, "names or indices")):
+  for start, msg in (("w2a2", "unknown level"), (5, "not start levels"),
+                     (np.zeros(3, int), "one per"), (0.5, "names or indices")):
     with pytest.raises(ValueError, match=f"start: .*{msg}"):
       runner.classify(good, 0.1, start)
-  assert runner.num_traces == before
   gating = runner.gating
   other = family(bb, params, "float,w8a8,w4a4")
   wrong = dataclasses.replace(gating, family=other)  # predictors sized for two levels
   with pytest.raises(ValueError, match="gating: predictor"):
     runtime.Runner(bb, params, wrong, input_shape=good.shape[1:])
+
+
+def test_the_predictor_level_is_parsed_once_when_the_gating_is_made(setup):
+  _, _, fitted, _ = setup
+  gating = runtime.gating_from_fitted(fitted, " W8A8 ")
+  assert isinstance(gating.predictor_level, q.Level) and gating.predictor_level == "w8a8"
+  assert dataclasses.replace(gating, tau=0.5).predictor_level is gating.predictor_level
+  with pytest.raises(ValueError, match="predictor_level: expected 'float' or"):
+    runtime.gating_from_fitted(fitted, "w9a9")
 
 
 SHARDED = """

@@ -6,14 +6,23 @@ logits, and a state table or runtime built on it is silently wrong. (Seen on an
 H100 with jax 0.11.2: XLA's Triton GEMM computed the error predictors' w8a8
 dot, [N, 33] x [33, 16], wrong, and with autotuning off every quantized level
 of the ViT; the runtime then got 37.5% of Fashion-MNIST test right. cuBLAS
-computes them right, so `quee_jax.core.precision` turns Triton GEMM off; this check
-catches the next such kernel.) So the scripts that run on an accelerator first
-run the backbone at every level on a few real inputs there and on the host's
-CPU (every jaxlib has one) and compare the predicted classes at every exit, and
-do the same for the error predictors at their level (random weights). Float
-matmuls run at full float32 precision there (no TF32), so what remains is float
-rounding, which a quantizer can still amplify into another integer: a few flips
-are normal, a broken level disagrees on most samples.
+computes them right, so the entry points call `quee_jax.avoid_triton_gemm()`
+(`quee_jax.core.precision`) before jax starts, which turns Triton GEMM off;
+this check catches a program that did not, and the next such kernel.) So the
+scripts that run on an accelerator first run the backbone at every level on a
+few real inputs there and on the host's CPU (every jaxlib has one) and compare
+the predicted classes at every exit, and do the same for the error predictors
+at their level (random weights).
+
+Precision: both sides of the check run float matmuls at full float32
+precision (`jax.default_matmul_precision("float32")`, no TF32), so that what
+remains is float rounding, which a quantizer can still amplify into another
+integer: a few flips are normal, a broken level disagrees on most samples.
+The state tables and the runtime do not set it: they run at JAX's default
+matmul precision, which on a GPU may compute float matmuls in TF32. So the
+check vouches for the integer kernels and the float32 path, not for the exact
+numbers the tables get there: their float matmuls (the float level, and those
+around the quantized ones) can round differently from what was checked.
 """
 
 from __future__ import annotations
@@ -24,9 +33,8 @@ import jax
 import numpy as np
 
 from quee_jax.core import precision
-
-from quee_jax.gating import predictor
 from quee_jax.core.backbone import Backbone, Params, exit_logits
+from quee_jax.gating import predictor
 
 MIN_AGREEMENT = 0.95
 PROB_TOLERANCE = 0.02
@@ -47,7 +55,8 @@ class LevelCheck:
   max_diff: float   # the largest |difference| of the logits (backbone) or probabilities
 
 
-def level_logits(backbone: Backbone, params: Params, ladder, inputs, device) -> dict[str, np.ndarray]:
+def level_logits(backbone: Backbone, params: Params, ladder, inputs, device
+                 ) -> dict[str, np.ndarray]:
   """Every exit's logits [exits, N, C] at each level, every block at that level, on `device`."""
   params, inputs = jax.device_put((params, np.asarray(inputs)), device)
   out = {}
@@ -106,7 +115,8 @@ def check_predictor(level: str, num_gates: int, num_features: int, hidden: int,
     with jax.default_device(d), jax.default_matmul_precision("float32"):
       outs.append(predictor.predict(params, x, np.arange(num_gates), level))
   diff = np.abs(outs[0] - outs[1])
-  check = LevelCheck(f"predictor@{level}", float((diff <= PROB_TOLERANCE).mean()), float(diff.max()))
+  check = LevelCheck(f"predictor@{level}", float((diff <= PROB_TOLERANCE).mean()),
+                     float(diff.max()))
   _refuse([check] if check.agreement < min_agreement else [], device, reference, num_inputs)
   return check
 
@@ -119,8 +129,8 @@ def _refuse(bad: list[LevelCheck], device, reference, num_inputs: int) -> None:
                     f" (max |diff| {c.max_diff:.3g})" for c in bad)
         + f" on {num_inputs} inputs. Its quantized kernels give wrong results here;"
         " tables and runtimes built on it would be wrong. On NVIDIA GPUs, check that XLA_FLAGS"
-        f" holds {precision.TRITON_GEMM_FLAG}=false (quee_jax sets it when imported before jax"
-        " starts); else run on another device or jax version.")
+        f" holds {precision.TRITON_GEMM_FLAG}=false: call quee_jax.avoid_triton_gemm() before"
+        " jax starts (importing quee_jax does not); else run on another device or jax version.")
 
 
 def summary(checks: list[LevelCheck]) -> str:
