@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags
 
 import quee_jax as q
+from quee_jax.core import precision
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("ladder", "float,w4a4,w2a4,w2a2", "Precision ladder.")
@@ -64,6 +65,7 @@ def _median_times(fns, reps, min_s=0.5):
 
 def main(argv):
   del argv
+  precision.avoid_triton_gemm()  # before jax starts: exact int8 dots on NVIDIA GPUs
   cfg = q.vit.ViTConfig(image_size=FLAGS.image_size, channels=FLAGS.channels, patch=FLAGS.patch,
                         dim=FLAGS.dim, depth=FLAGS.depth, heads=FLAGS.heads,
                         mlp_dim=4 * FLAGS.dim, num_classes=10)

@@ -47,6 +47,7 @@ from absl import app, flags, logging
 
 from quee_jax import models, pipeline, protocol, runtime
 from quee_jax.collect import padded_batches
+from quee_jax.core import precision
 from quee_jax.runtime import device_check
 
 FLAGS = flags.FLAGS
@@ -168,9 +169,11 @@ def build_runners(bb, params, fitted, plan, test_x) -> tuple[dict, dict, dict[st
   print(f"latency cost model measured in {time.time() - t0:.0f} s")
   names, top = list(fam.ladder), fam.ladder[fam.top]
   block_us = {n: float(1e6 * lat.full_model * lat.blocks[:, q].mean()) for q, n in enumerate(names)}
+  # On a loaded machine a block's measured time can come out as 0 (program with blocks minus
+  # program without, clipped): no ratio then, rather than a division by zero.
+  ratio = lambda v: f"{v / block_us[top]:.2f}x" if block_us[top] > 0 else "n/a"
   print("block time per sample (us): " + ", ".join(f"{n} {v:.2f}" for n, v in block_us.items())
-        + "; relative to " + top + ": "
-        + ", ".join(f"{n} {v / block_us[top]:.2f}x" for n, v in block_us.items()))
+        + "; relative to " + top + ": " + ", ".join(f"{n} {ratio(v)}" for n, v in block_us.items()))
   runners = {"bops": runner, "latency": runner.with_costs(lat)}
   fits = {"bops": fitted, "latency": dataclasses.replace(fitted, family=runners["latency"].family)}
   return runners, fits, block_us
@@ -256,7 +259,7 @@ def report(device: str, full_accuracy: float, full_img_per_s: float, z: float,
                     "speedup_at_half_point": best["speedup"], "cost_model": best["cost_model"],
                     "accuracy_drop": best["accuracy_drop"], "half_point_z": z,
                     "block_us_per_sample": block_us, "rows": rows}))
-  # Float rounding that depends on the batch shape moves ~0.1% of samples (README); far more
+  # Float rounding that depends on the batch shape moves ~0.1% of samples (docs/results/runtime.md); far more
   # means the runner computed something else than the tables: its timings are not the policy's.
   off = [r for r in rows if r["mismatches"] > MAX_MISMATCH * n]
   if off:
@@ -269,6 +272,7 @@ def report(device: str, full_accuracy: float, full_img_per_s: float, z: float,
 
 def main(argv):
   del argv
+  precision.avoid_triton_gemm()  # before jax starts: exact int8 dots on NVIDIA GPUs
   logging.set_verbosity(logging.WARNING)  # orbax's restore chatter
   try:
     _, plan, splits, params, tables = load_workdir(FLAGS.workdir)

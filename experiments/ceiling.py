@@ -24,9 +24,9 @@ import sys
 
 from absl import app, flags, logging
 
-from quee_jax import pipeline
+from quee_jax import pipeline, protocol
+from quee_jax.core import precision
 from quee_jax.protocol import metrics
-from quee_jax import protocol
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A work directory finished by experiments.run.")
@@ -38,6 +38,7 @@ KEYS = ("auc", "auc_16", "acc_at_budget")
 
 def main(argv):
   del argv
+  precision.avoid_triton_gemm()  # before jax starts: exact int8 dots on NVIDIA GPUs
   logging.set_verbosity(logging.WARNING)
   try:
     _, plan, tables = pipeline.load_finished(FLAGS.workdir)

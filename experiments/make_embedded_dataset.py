@@ -1,4 +1,4 @@
-r"""Rebuilds quee_jax/datasets/fashion_mnist_embedded.npz from the original IDX files.
+r"""Rebuilds quee_jax/data/embedded/fashion_mnist_embedded.npz from the original IDX files.
 
   apt-get install -y dataset-fashion-mnist
   python -m experiments.make_embedded_dataset

@@ -25,8 +25,14 @@ from quee_jax.core.backbone import Backbone
 from quee_jax.core.cost import CostTable, MacCount, backbone_costs, bops, count_macs
 from quee_jax.core.exit_stats import FEATURES, softmax_features
 from quee_jax.core.paths import EXIT, FAMILIES, PathFamily, build_family
-from quee_jax.core.precision import (FLOAT, Ladder, Level, avoid_triton_gemm, parse_ladder,
-                                     parse_level)
+from quee_jax.core.precision import (
+                                     FLOAT,
+                                     Ladder,
+                                     Level,
+                                     avoid_triton_gemm,
+                                     parse_ladder,
+                                     parse_level,
+)
 from quee_jax.core.table import StateTable, load_table, save_table
 from quee_jax.models import bert, bert_import, vit, vit_import
 

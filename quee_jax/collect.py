@@ -20,12 +20,13 @@ from typing import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from quee_jax.core.backbone import Backbone, Params
-from quee_jax.core.paths import PathFamily
 from quee_jax.core.exit_stats import FEATURES, softmax_features, summary_projection
+from quee_jax.core.paths import PathFamily
 from quee_jax.core.table import StateTable
 
 

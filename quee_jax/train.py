@@ -27,12 +27,11 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from quee_jax import models
-
 from quee_jax.core import precision
 from quee_jax.core.backbone import exit_logits, exit_states
+from quee_jax.core.precision import FLOAT, Level
 from quee_jax.data import Split
 from quee_jax.models import ModelConfig, vit
-from quee_jax.core.precision import FLOAT, Level
 
 Params = Any
 log = logging.getLogger(__name__)

@@ -8,13 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import quee_jax as q
-from quee_jax.data import wheels
-from quee_jax import runtime
-from quee_jax.models import bert, bert_import
 from conftest import TINY_BERT, token_ids
 from test_runtime import CFG, make_fitted, simulated
+
+import quee_jax as q
+from quee_jax import runtime
+from quee_jax.data import wheels
+from quee_jax.models import bert, bert_import
 
 needs_minilm = pytest.mark.skipif(
     not wheels.is_fetched(wheels.MINILM),
@@ -194,7 +194,7 @@ def test_minilm_reproduces_the_reference_sentence_embeddings():
   # sentence-transformers' quickstart prints these cosine similarities for this model.
   np.testing.assert_allclose([sim[0, 1], sim[0, 2], sim[1, 2]], [0.6660, 0.1046, 0.1411],
                              atol=1e-3)
-  assert abs(sim[3, 4] - 0.680) < 2e-3  # ../shared/FINDINGS.md's probe
+  assert abs(sim[3, 4] - 0.680) < 2e-3  # a probe pair's similarity, measured once with this model
   # 8-bit keeps the geometry; 4-bit weights and activations visibly do not.
   e8 = np.asarray(bert.sentence_embedding(params, jnp.asarray(tok.encode(sentences)), cfg, "w8a8"))
   e4 = np.asarray(bert.sentence_embedding(params, jnp.asarray(tok.encode(sentences)), cfg, "w4a4"))
@@ -203,7 +203,7 @@ def test_minilm_reproduces_the_reference_sentence_embeddings():
 
 # -- the adaptive runtime on token ids -------------------------------------------------------
 
-def test_runner_on_token_ids_equals_the_simulated_policy(tiny_bert):
+def test_the_runtime_on_token_ids_equals_the_simulated_policy(tiny_bert):
   cfg, params, bb = tiny_bert
   x, tables, fitted = make_fitted(tiny_bert, inputs=token_ids)
   gating = runtime.gating_from_fitted(fitted, CFG.predictor.level)
@@ -226,6 +226,7 @@ def test_runner_on_token_ids_equals_the_simulated_policy(tiny_bert):
 def requirement_closure(dist: str, extras: set[str]) -> set[str]:
   """Every distribution that installing dist[extras] pulls in, read from installed metadata."""
   from importlib import metadata
+
   from packaging.requirements import Requirement
   from packaging.utils import canonicalize_name
   seen, stack = set(), [(dist, frozenset(extras))]

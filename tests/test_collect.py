@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY, family, images, labels
 
 import quee_jax as q
-from conftest import TINY, family, images, labels
 
 LADDER = "float,w8a8,w4a4,w2a4"
 

@@ -2,10 +2,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import images
 
 import quee_jax as q
 from quee_jax.core import cost
-from conftest import images
 
 
 @pytest.mark.parametrize("cfg", [

@@ -1,12 +1,10 @@
 import gzip
-import os
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from quee_jax import data
-
 from quee_jax.data import wheels
 
 

@@ -14,10 +14,10 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from test_vit_import import big_vision_checkpoint
 
 import quee_jax as q
 from quee_jax import pipeline as run_lib
-from test_vit_import import big_vision_checkpoint
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 CONFIGS = {"fashion_mnist": ("", "demo"), "cifar10": ("", "finetune"),
@@ -44,10 +44,10 @@ def test_every_config_passes_its_checks(name, variant, tmp_path):
 def tiny_bert_dir(path):
   """A Hugging Face BERT directory (config.json, model.safetensors, tokenizer.json) of the
   tests' tiny geometry, with a WordPiece tokenizer over letters."""
-  from safetensors.numpy import save_file
-  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-  from test_bert import hf_tensors
   from conftest import TINY_BERT as cfg
+  from safetensors.numpy import save_file
+  from test_bert import hf_tensors
+  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
   os.makedirs(path, exist_ok=True)
   save_file(hf_tensors(cfg), os.path.join(path, "model.safetensors"))
   json.dump({"model_type": "bert", "hidden_act": "gelu", "vocab_size": cfg.vocab_size,

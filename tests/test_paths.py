@@ -1,5 +1,4 @@
 import dataclasses
-import itertools
 
 import numpy as np
 import pytest
@@ -41,7 +40,7 @@ def test_state_counts_match_closed_forms(name, num_levels, exits, start_levels):
 
 
 def test_switch_once_default_size():
-  # DESIGN.md: 4 levels and 6 blocks give 204 states (block evaluations per sample).
+  # docs/method.md (Notation): 4 levels and 6 blocks give 204 states (block evaluations per sample).
   assert family("switch_once", 4, (1, 2, 3, 4, 5, 6)).num_states == 204
 
 

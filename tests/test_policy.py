@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 import quee_jax as q
+from quee_jax.core.table import StateTable
 from quee_jax.gating import policy
 from quee_jax.protocol import baselines, metrics
-from quee_jax.core.table import StateTable
 
 LADDER = ("float", "w4a4")
 

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY, images
 
 import quee_jax as q
 from quee_jax.core import precision
-from conftest import TINY, images
 
 
 @pytest.mark.parametrize("name,bits", [("float", (None, None)), ("w8a8", (8, 8)),

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import quee_jax as q
+from quee_jax import protocol
+from quee_jax.core.table import StateTable
 from quee_jax.gating import features, predictor, targets
 from quee_jax.protocol import diagnostics
-from quee_jax.core.table import StateTable
-from quee_jax import protocol
 
 LADDER = ("float", "w4a4", "w2a4")
 
@@ -194,7 +194,7 @@ def test_evaluate_signal_recovery():
   # Hidden, both kinds of target still gain 2-3 points on this table (measured 2.9 and 2.3):
   # samples that float gets wrong lose nothing at w2a4, and their difficulty, which max prob
   # tells, says which they are. The planted variable must add clearly to that. (On the real
-  # Fashion-MNIST table the hidden case falls back to the envelope: README.)
+  # Fashion-MNIST table the hidden case falls back to the envelope: docs/results/fashion_mnist.md, Signal recovery.)
   raw = lambda r: gain(r, "quee_raw_targets")
   assert gain(vis) > gain(hid) + 0.015, out
   assert raw(vis) > max(0.03, raw(hid) + 0.015), out  # raw 0/1 targets capture the signal too

@@ -2,9 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY, images
 
 import quee_jax as q
-from conftest import TINY, images
 
 
 @pytest.mark.parametrize("kw,match", [

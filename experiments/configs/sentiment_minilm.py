@@ -31,8 +31,9 @@ def get_config(variant: str = ""):
   sizes = {"rotten_tomatoes": dict(train=5_000, fit=3_500, cal=1_500, test=2_808),
            "tweets_sentiment": dict(train=20_000, fit=8_000, cal=3_000, test=7_158),
            "sst2": dict(train=50_000, fit=10_000, cal=7_349, test=None)}[dataset]
-  # 4-bit weights cost this encoder 4-6 points where 8 bits cost almost nothing
-  # (shared/FINDINGS.md), so the ladder spans a real trade-off without 2 bits.
+  # 4-bit levels cost this encoder 3 (w4a8) and 7 (w4a4) points at full depth where w8a8
+  # costs almost nothing (docs/results/sentiment_minilm.md), so the ladder spans a real
+  # trade-off without 2 bits.
   c = common.base_config(dataset, sizes, model, dict(epochs=0), ladder="float,w8a8,w4a8,w4a4")
   c.init_from = "all-MiniLM-L6-v2"  # or a Hugging Face BERT directory (config, safetensors, tokenizer)
   c.exit_heads.update(epochs=5, batch_size=64, learning_rate=3e-3)

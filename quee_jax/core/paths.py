@@ -10,7 +10,7 @@ All states share one padded candidate layout: slot 0 is EXIT, slot
 1 + q * G + m is (level q, exit m); a mask removes what a state cannot take.
 That lets one `vmap` evaluate every gate later.
 
-Families (DESIGN.md §1):
+Families (docs/method.md, Notation):
   switch_once  start at any start level; switch once, at any gate, to any other
                level, and keep it (default).
   constant     the level may change only at the first gate, then is kept.

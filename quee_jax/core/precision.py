@@ -20,11 +20,13 @@ On NVIDIA GPUs, XLA's Triton GEMM emitter computed some s8 x s8 -> s32 dots
 wrong (measured on an H100 with jax 0.11.2: a plain `lax.dot_general` of
 [256, 33] x [33, 16] int8 matched the exact product on 0% of outputs; with
 autotuning off, every quantized level of the ViT was wrong), while cuBLAS got
-all of them right. `avoid_triton_gemm()` adds `--xla_gpu_enable_triton_gemm=false`
-to XLA_FLAGS; the entry points (`experiments/`, the Colab notebooks) call it
-before jax starts, and code that imports these functions into its own program
-should do the same on a GPU (importing quee_jax changes nothing by itself).
-`quee_jax.runtime.device_check` catches what gets through.
+all of them right (docs/results/gpu_numerics.md; `experiments/analysis/int8_dots.py`
+repeats the check on any device). `avoid_triton_gemm()` adds
+`--xla_gpu_enable_triton_gemm=false` to XLA_FLAGS; the entry points in
+`experiments/` and the API tour notebook call it before jax starts, and code
+that imports these functions into its own program should do the same on a GPU
+(importing quee_jax changes nothing by itself). `quee_jax.runtime.device_check`
+catches what gets through.
 """
 
 from __future__ import annotations

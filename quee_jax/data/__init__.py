@@ -7,8 +7,24 @@
 """
 
 from quee_jax.data import sources, splits, wheels
-from quee_jax.data.sources import (DATASETS, DEBIAN_FASHION_MNIST, EMBEDDED_PATH, ArraySource,
-                                   DatasetInfo, load_idx_dir, load_rotten_tomatoes,
-                                   load_tweets_sentiment, read_idx)
-from quee_jax.data.splits import (SPLITS, Batch, Split, Splits, augment, check_model_input,
-                                  check_sizes, load_splits)
+from quee_jax.data.sources import (
+                                   DATASETS,
+                                   DEBIAN_FASHION_MNIST,
+                                   EMBEDDED_PATH,
+                                   ArraySource,
+                                   DatasetInfo,
+                                   load_idx_dir,
+                                   load_rotten_tomatoes,
+                                   load_tweets_sentiment,
+                                   read_idx,
+)
+from quee_jax.data.splits import (
+                                   SPLITS,
+                                   Batch,
+                                   Split,
+                                   Splits,
+                                   augment,
+                                   check_model_input,
+                                   check_sizes,
+                                   load_splits,
+)

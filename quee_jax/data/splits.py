@@ -22,7 +22,14 @@ from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
-from quee_jax.data.sources import DATASETS, ArraySource, DatasetInfo, Source, fit_image, open_sources
+from quee_jax.data.sources import (
+  DATASETS,
+  ArraySource,
+  DatasetInfo,
+  Source,
+  fit_image,
+  open_sources,
+)
 
 SPLITS = ("train", "fit", "cal", "test")
 

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quee_jax.core.paths import PathFamily
 from quee_jax.core.exit_stats import FEATURES
+from quee_jax.core.paths import PathFamily
 from quee_jax.core.table import StateTable
 
 _PARENT_STATS = ("max_prob", "margin", "entropy")

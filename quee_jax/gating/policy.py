@@ -35,7 +35,6 @@ import numpy as np
 from quee_jax.core.paths import EXIT, PathFamily
 from quee_jax.core.table import StateTable
 
-
 SOFT_FLOOR = 0.01  # default τ: one point of error rate
 
 

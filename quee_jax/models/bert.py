@@ -33,10 +33,15 @@ import numpy as np
 
 from quee_jax.core import precision
 from quee_jax.core.backbone import Backbone
-from quee_jax.models import layers
-from quee_jax.models.layers import (attention, check_transformer_config, layer_norm, ln_init,
-                                    multi_exit_backbone)
 from quee_jax.core.precision import FLOAT, Level
+from quee_jax.models import layers
+from quee_jax.models.layers import (
+  attention,
+  check_transformer_config,
+  layer_norm,
+  ln_init,
+  multi_exit_backbone,
+)
 
 Params = dict[str, Any]
 

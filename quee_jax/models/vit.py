@@ -26,10 +26,17 @@ import numpy as np
 
 from quee_jax.core import precision
 from quee_jax.core.backbone import Backbone
-from quee_jax.models.layers import (attention, check_transformer_config, head_logits,
-                                    head_summary, init_blocks, init_heads, layer_norm,
-                                    multi_exit_backbone)
 from quee_jax.core.precision import FLOAT, Level
+from quee_jax.models.layers import (
+  attention,
+  check_transformer_config,
+  head_logits,
+  head_summary,
+  init_blocks,
+  init_heads,
+  layer_norm,
+  multi_exit_backbone,
+)
 
 Params = dict[str, Any]
 

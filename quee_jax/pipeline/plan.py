@@ -11,12 +11,11 @@ import os
 
 import ml_collections
 
-from quee_jax import data, models, train
+from quee_jax import data, models, protocol, train
 from quee_jax.core import paths, precision
 from quee_jax.core.precision import Ladder, Level
 from quee_jax.gating import predictor
 from quee_jax.models import bert, bert_import
-from quee_jax import protocol
 
 STAGES = ("backbone", "exit_heads", "tables", "evaluate", "report")
 COST_UNITS = ("bops", "macs")

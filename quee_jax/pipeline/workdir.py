@@ -14,9 +14,10 @@ import shutil
 
 import ml_collections
 
+from quee_jax import protocol
 from quee_jax.core import table
 from quee_jax.pipeline.plan import Plan, make_plan
-from quee_jax import protocol
+
 
 def _plain(value):
   """value as it reads back from JSON (tuples become lists), for comparisons."""

@@ -15,10 +15,28 @@
 
 import importlib
 
-from quee_jax.protocol import (baselines, choice, config, diagnostics, evaluation, fitting, metrics,
-                               report, storage, synthetic)
-from quee_jax.protocol.choice import (BudgetEntry, BudgetPoint, NaiveMix, Outcome, PolicyMix,
-                                      budget_point, half_point, test_chosen)
+from quee_jax.protocol import (
+  baselines,
+  choice,
+  config,
+  diagnostics,
+  evaluation,
+  fitting,
+  metrics,
+  report,
+  storage,
+  synthetic,
+)
+from quee_jax.protocol.choice import (
+  BudgetEntry,
+  BudgetPoint,
+  NaiveMix,
+  Outcome,
+  PolicyMix,
+  budget_point,
+  half_point,
+  test_chosen,
+)
 from quee_jax.protocol.config import RESULTS_VERSION, VARIANTS, EvalConfig
 from quee_jax.protocol.evaluation import evaluate, signal_recovery
 from quee_jax.protocol.fitting import Fitted, fit_variant, load_variant

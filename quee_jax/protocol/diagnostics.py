@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from quee_jax.protocol import metrics
 from quee_jax.core.paths import EXIT
 from quee_jax.core.table import StateTable
+from quee_jax.protocol import metrics
 
 
 def exit_auroc(table: StateTable, predicted: np.ndarray) -> list[dict]:

@@ -18,8 +18,14 @@ import numpy as np
 from quee_jax.core.table import StateTable
 from quee_jax.gating import targets
 from quee_jax.protocol import baselines, diagnostics, metrics, storage, synthetic
-from quee_jax.protocol.choice import BudgetEntry, NaiveMix, Outcome, PolicyMix, budget_point
-from quee_jax.protocol.choice import naive_budget_mode
+from quee_jax.protocol.choice import (
+  BudgetEntry,
+  NaiveMix,
+  Outcome,
+  PolicyMix,
+  budget_point,
+  naive_budget_mode,
+)
 from quee_jax.protocol.config import VARIANTS, EvalConfig
 from quee_jax.protocol.fitting import Fitted, fit_clusters, fit_variant
 from quee_jax.protocol.metrics import budget_key

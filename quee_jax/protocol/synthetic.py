@@ -1,7 +1,8 @@
 """Semi-synthetic tables with a known per-sample precision signal.
 
-FINDINGS.md: on the small ViTs trained here quantization flips look like
-noise, so no policy can route samples by precision. To check that the
+On the models measured here (docs/results/fashion_mnist.md,
+docs/results/sentiment_minilm.md) the samples a lower level hurts cannot be
+told from those it helps, so no policy can route samples by precision. To check that the
 machinery captures such a signal where it exists, `plant_signal` rewrites a
 real table: a per-sample variable z ~ U(0, 1) decides what a chosen low level
 does to every state that ran a block at it. Where z <= 0.5 the state takes the

@@ -1,0 +1,1 @@
+"""Analyses that figures in docs/results/ rest on, one script each (tested in tests/)."""
