@@ -77,7 +77,7 @@ MAX_MISMATCH = 0.02
 def load_workdir(workdir: str):
   """(config, plan, splits, params, tables) of a finished run; ValueError if it is not finished."""
   c, plan, tables = pipeline.load_finished(workdir)
-  splits = pipeline.load_splits(c, plan)
+  splits = pipeline.config_splits(c, plan)
   params = pipeline.trained_params(c, plan, splits, workdir, {})  # finished: restored, not trained
   return c, plan, splits, params, tables
 

@@ -54,8 +54,7 @@ def main(argv):
     results = json.load(f)
   test = tables["test"]
   num_classes = int(test.backbone.get("num_classes", test.labels.max() + 1))
-  family_name, kind = protocol.VARIANTS[FLAGS.variant]
-  in_sample = protocol.fit_variant({**tables, "fit": test}, family_name, kind, seed, plan.eval)
+  in_sample = protocol.fit_variant({**tables, "fit": test}, FLAGS.variant, seed, plan.eval)
   points = in_sample.sweep(test, "test", plan.eval.num_lambdas).points()
   as_evaluated = results["methods"][FLAGS.variant]["seeds"][plan.eval.seeds.index(seed)]
   rows = {

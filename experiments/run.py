@@ -8,8 +8,6 @@ Stages, resuming and the config check: `quee_jax/pipeline/stages.py`. A bad
 config value or flag stops the run with one `error:` line naming it.
 """
 
-
-
 import logging as pylogging
 import sys
 

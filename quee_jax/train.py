@@ -293,7 +293,7 @@ def _exit_predictions(params: Params, inputs: jax.Array, cfg: ModelConfig, level
 def evaluate_exits(cfg: ModelConfig, params: Params, split: Split,
                    levels: Level | str | list = FLOAT, batch_size: int = 500) -> np.ndarray:
   """Accuracy of every exit on `split` with blocks at `levels` (one level or one per block)."""
-  if isinstance(levels, (Level, str)):
+  if isinstance(levels, str):  # one level (a Level is a str) for every block
     levels = [levels] * cfg.depth
   levels = tuple(precision.parse_level(q) for q in levels)
   correct, n = np.zeros(len(cfg.exits)), 0

@@ -38,7 +38,8 @@ def test_parse_ladder():
   # A level is its own canonical name: it compares with config strings and goes into JSON as one.
   assert ladder == ("float", "w4a4", "w2a4") and json.loads(json.dumps(ladder)) == list(ladder)
   assert q.parse_ladder(ladder) == ladder and q.Level.from_bits(4, 4) == ladder[1]
-  for bad in ["", "float,float", "float,w4", "float,,w8a8", "float,", "w4a4"[0:0] or 4]:
+  assert q.parse_ladder(np.array(["float", "w4a4"])) == ("float", "w4a4")
+  for bad in ["", "float,float", "float,w4", "float,,w8a8", "float,", 4, {"float", "w4a4"}]:
     with pytest.raises(ValueError, match="ladder|level"):
       q.parse_ladder(bad)
 

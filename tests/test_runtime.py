@@ -34,7 +34,7 @@ def make_fitted(tiny, ladder="float,w4a4", n=(400, 200, 200), inputs=images):
     top = t.pred[fam.chain(0)[-1]]
     y = np.where(np.random.default_rng(i).random(len(top)) < 0.6, top, t.labels).astype(np.int32)
     tables[k] = dataclasses.replace(t, labels=y, correct=t.pred == y[None])
-  fitted = protocol.fit_variant(tables, None, "soft", 0, CFG)
+  fitted = protocol.fit_variant(tables, "quee", seed=0, cfg=CFG)
   return x, tables, fitted
 
 
@@ -174,7 +174,7 @@ def test_bad_input_is_refused_before_any_compute(setup, tiny, monkeypatch):
   for bad, msg in cases:
     with pytest.raises(ValueError, match=msg):
       runner.classify(bad, 0.1)
-  for lam in (-0.1, np.nan, np.ones(3)):
+  for lam in (-0.1, np.nan, np.ones(3), "abc", None):
     with pytest.raises(ValueError, match="lam"):
       runner.classify(good, lam)
   for start, msg in (("w2a2", "unknown level"), (5, "not start levels"),
@@ -193,7 +193,7 @@ def test_the_predictor_level_is_parsed_once_when_the_gating_is_made(setup):
   gating = runtime.gating_from_fitted(fitted, " W8A8 ")
   assert isinstance(gating.predictor_level, q.Level) and gating.predictor_level == "w8a8"
   assert dataclasses.replace(gating, tau=0.5).predictor_level is gating.predictor_level
-  with pytest.raises(ValueError, match="predictor_level: expected 'float' or"):
+  with pytest.raises(ValueError, match="predictor_level: expected a level name"):
     runtime.gating_from_fitted(fitted, "w9a9")
 
 

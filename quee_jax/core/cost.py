@@ -141,8 +141,8 @@ class CostTable:
 
   @classmethod
   def from_dict(cls, d: dict) -> "CostTable":
-    return cls(unit=d["unit"], float_bits=int(d["float_bits"]), ladder=precision.parse_ladder(d["ladder"]),
-               embed=float(d["embed"]), blocks=np.asarray(d["blocks"], np.float64),
+    return cls(unit=d["unit"], float_bits=int(d["float_bits"]),
+               ladder=precision.parse_ladder(d["ladder"]), embed=float(d["embed"]), blocks=np.asarray(d["blocks"], np.float64),
                heads=np.asarray(d["heads"], np.float64), full_model=float(d["full_model"]))
 
   def __eq__(self, other) -> bool:

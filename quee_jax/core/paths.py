@@ -158,11 +158,11 @@ class PathFamily:
       raise ValueError(f"family: {other.name!r} has a history the {self.name!r} family"
                        f" lacks: {[self.ladder[q] for q in e.args[0]]}") from None
 
-  def on_levels(self, levels: Sequence[str]) -> "PathFamily":
+  def on_levels(self, levels: precision.Ladder | Sequence[str]) -> "PathFamily":
     """The same family over some of its levels, the full model's among them: the states
     of this family whose every block runs at one of `levels` (a table keeps them with
     `StateTable.restrict`), at the same costs."""
-    levels = tuple(levels)
+    levels = precision.parse_ladder(levels)
     top = self.ladder[self.top]
     if top not in levels:
       raise ValueError(f"levels: expected the full model's level {top!r} among {list(levels)}")

@@ -34,7 +34,8 @@ from __future__ import annotations
 import functools
 import os
 import re
-from typing import Callable, Sequence
+from collections.abc import Iterable, Mapping, Set
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -143,7 +144,16 @@ def parse_level(level: str | Level) -> Level:
   return Level(level)
 
 
-def parse_ladder(levels: str | Sequence[str | Level]) -> Ladder:
+def canonical_name(name: str) -> str:
+  """`name` as a Level if it parses as one ('W4A4' -> 'w4a4'), else unchanged: for looking a
+  user's name up in a ladder, where a name that is no level is simply not found."""
+  try:
+    return parse_level(name)
+  except ValueError:
+    return name
+
+
+def parse_ladder(levels: str | Iterable[str | Level]) -> Ladder:
   """Parses an ordered ladder, e.g. 'float,w4a4,w2a4' or ['float', 'w4a4'].
 
   The order is the user's (by convention most precise first); empty entries and
@@ -154,9 +164,9 @@ def parse_ladder(levels: str | Sequence[str | Level]) -> Ladder:
     if any(not item.strip() for item in items) and levels.strip():
       raise ValueError(f"ladder: expected comma-separated levels, got an empty entry in {levels!r}")
     levels = [item for item in items if item.strip()]
-  elif isinstance(levels, Level) or not isinstance(levels, Sequence):
-    raise ValueError(f"ladder: expected a comma-separated string or a sequence of levels,"
-                     f" got {levels!r}")
+  elif isinstance(levels, (Set, Mapping)) or not isinstance(levels, Iterable):
+    raise ValueError(f"ladder: expected a comma-separated string or an ordered sequence of"
+                     f" levels, got {levels!r}")
   ladder = tuple(parse_level(level) for level in levels)
   if not ladder:
     raise ValueError("ladder: expected at least one level, got none")

@@ -7,3 +7,4 @@
 """
 
 from quee_jax.gating import features, policy, predictor, targets
+from quee_jax.gating.predictor import PredictorConfig

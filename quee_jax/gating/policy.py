@@ -32,6 +32,7 @@ import dataclasses
 
 import numpy as np
 
+from quee_jax.core import precision
 from quee_jax.core.paths import EXIT, PathFamily
 from quee_jax.core.table import StateTable
 
@@ -136,6 +137,7 @@ def check_starts(family: PathFamily, starts, num: int, arg: str = "starts") -> n
   if raw.dtype.kind not in "iu":  # names, or names and indices mixed
     # A list keeps its items' types (numpy turns mixed names and indices into names).
     values = list(starts) if isinstance(starts, (list, tuple)) else raw.tolist()
+    values = [precision.canonical_name(v) if isinstance(v, str) else v for v in values]
     unknown = sorted({v for v in values if isinstance(v, str)} - set(family.ladder))
     if unknown:
       raise ValueError(f"{arg}: unknown level(s) {unknown}; the ladder is {list(family.ladder)}")

@@ -186,7 +186,7 @@ def exit_head(params: Params, e: int, h: jax.Array, cfg: ViTConfig) -> jax.Array
 
 
 def _block_levels(levels: Level | str | Sequence[Level | str], depth: int) -> list[Level]:
-  if isinstance(levels, (Level, str)):
+  if isinstance(levels, str):  # one level (a Level is a str) for every block
     return [precision.parse_level(levels)] * depth
   levels = [precision.parse_level(level) for level in levels]
   if len(levels) != depth:

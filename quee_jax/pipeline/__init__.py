@@ -7,5 +7,5 @@
 
 from quee_jax.pipeline import plan, stages, workdir
 from quee_jax.pipeline.plan import STAGES, Plan, make_plan
-from quee_jax.pipeline.stages import load_splits, run, trained_params
+from quee_jax.pipeline.stages import config_splits, run, trained_params
 from quee_jax.pipeline.workdir import load_finished, made_with, stamps

@@ -93,10 +93,10 @@ def make_plan(c: ml_collections.ConfigDict, stages=STAGES) -> Plan:
   pred = checked("eval.predictor", predictor.PredictorConfig, **c.eval.predictor)
   ev = c.eval
   eval_cfg = checked("eval", protocol.EvalConfig, seeds=tuple(ev.seeds), predictor=pred,
-                      min_cluster=ev.min_cluster, max_clusters=ev.max_clusters, alpha=ev.alpha,
-                      variants=tuple(ev.variants), budgets=tuple(ev.budgets),
-                      soft_floor=ev.soft_floor, fallback_z=ev.fallback_z)
-  if ev.signal_level and ev.signal_level not in list(ladder):
+                     min_cluster=ev.min_cluster, max_clusters=ev.max_clusters, alpha=ev.alpha,
+                     variants=tuple(ev.variants), budgets=tuple(ev.budgets),
+                     soft_floor=ev.soft_floor, fallback_z=ev.fallback_z)
+  if ev.signal_level and precision.canonical_name(ev.signal_level) not in ladder:
     raise ValueError(f"--config.eval.signal_level: expected a level of the ladder"
                      f" {list(ladder)} or '', got {ev.signal_level!r}")
   return Plan(model, ladder, backbone, exit_heads, heads_level, eval_cfg, tuple(stages))

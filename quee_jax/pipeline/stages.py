@@ -36,8 +36,9 @@ from quee_jax.core.table import StateTable, load_table, save_table
 from quee_jax.gating import features
 from quee_jax.models import bert, bert_import, vit_import
 from quee_jax.pipeline.plan import STAGES, Plan, checked, make_plan
-from quee_jax.pipeline.workdir import made_with, stage_dir, stamps, write_json
+from quee_jax.pipeline.workdir import made_with, stage_dir, stamps
 from quee_jax.protocol import report
+from quee_jax.protocol.storage import write_json
 from quee_jax.runtime import device_check
 
 
@@ -66,7 +67,7 @@ def trained_params(c: ml_collections.ConfigDict, plan: Plan, splits: data.Splits
   return p
 
 
-def load_splits(c: ml_collections.ConfigDict, plan: Plan) -> data.Splits:
+def config_splits(c: ml_collections.ConfigDict, plan: Plan) -> data.Splits:
   """The config's dataset as four splits, read as the model reads them."""
   m = plan.model
   if isinstance(m, bert.BertConfig):  # texts, tokenized as the encoder was trained
@@ -88,7 +89,7 @@ class Run:
   workdir: str
   splits: data.Splits
   timings: dict[str, float] = dataclasses.field(default_factory=dict)
-  _params: object = None
+  _params: object = dataclasses.field(default=None, init=False, repr=False)
 
   @property
   def stamps(self) -> dict:
@@ -121,7 +122,7 @@ def accuracy_stage(r: Run) -> None:
         train_s = json.load(f)["train_s"]
     write_json(acc_path, {"config": {"model": model_cfg, "ladder": c.ladder},
                           "test_accuracy": accuracy, "train_s": train_s,
-                          "device": jax.devices()[0].device_kind})
+                          "device": jax.devices()[0].device_kind}, indent=1)
   with open(acc_path) as f:
     accuracy = json.load(f)["test_accuracy"]
   exits = r.plan.model.exits
@@ -173,7 +174,7 @@ def evaluate_stage(r: Run, tables: dict[str, StateTable]) -> None:
   t0 = time.time()
   # Runs already saved under predictors/ for these tables and settings are loaded.
   results = protocol.evaluate(tables["fit"], tables["cal"], tables["test"], plan.eval,
-                                meta={"dataset": c.dataset}, save_dir=r.path("predictors"))
+                              meta={"dataset": c.dataset}, save_dir=r.path("predictors"))
   if c.eval.signal_level:
     results["signal_recovery"] = protocol.signal_recovery(
         tables["fit"], tables["cal"], tables["test"], c.eval.signal_level,
@@ -182,7 +183,7 @@ def evaluate_stage(r: Run, tables: dict[str, StateTable]) -> None:
   r.timings["evaluate"] = time.time() - t0
   results["config"] = {"eval": eval_key}
   results["device"] = jax.devices()[0].device_kind
-  write_json(results_path, results)
+  write_json(results_path, results, indent=1)
 
 
 def report_stage(r: Run) -> None:
@@ -207,8 +208,8 @@ def run(c: ml_collections.ConfigDict, workdir: str, stages=STAGES) -> dict[str, 
   """
   plan = make_plan(c, stages)
   os.makedirs(workdir, exist_ok=True)
-  write_json(os.path.join(workdir, "config.json"), c.to_dict())
-  r = Run(c, plan, workdir, load_splits(c, plan))
+  write_json(os.path.join(workdir, "config.json"), c.to_dict(), indent=1)
+  r = Run(c, plan, workdir, config_splits(c, plan))
   if {"backbone", "exit_heads"} & set(plan.stages):
     accuracy_stage(r)
   if {"tables", "evaluate"} & set(plan.stages):

@@ -17,6 +17,7 @@ import ml_collections
 from quee_jax import protocol
 from quee_jax.core import table
 from quee_jax.pipeline.plan import Plan, make_plan
+from quee_jax.protocol.storage import write_json
 
 
 def _plain(value):
@@ -32,13 +33,6 @@ def made_with(path: str, key: str, value) -> bool:
     return json.load(f).get("config", {}).get(key) == _plain(value)
 
 
-def write_json(path: str, obj: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
-
-
 def stage_dir(workdir: str, name: str, config: dict) -> str:
   """workdir/name for checkpoints made with config; emptied if they were made with another."""
   path = os.path.join(workdir, name)
@@ -47,7 +41,7 @@ def stage_dir(workdir: str, name: str, config: dict) -> str:
     shutil.rmtree(path)
   if not os.path.exists(stamp):
     os.makedirs(path, exist_ok=True)
-    write_json(stamp, {"config": {name: config}})
+    write_json(stamp, {"config": {name: config}}, indent=1)
   return path
 
 

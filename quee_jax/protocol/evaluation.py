@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from quee_jax.core import precision
 from quee_jax.core.table import StateTable
 from quee_jax.gating import targets
 from quee_jax.protocol import baselines, diagnostics, metrics, storage, synthetic
@@ -107,7 +108,7 @@ def _variant_runs(variant: str, tables: dict[str, StateTable], naive: dict[str, 
 
   assigns: seed -> `fit_clusters`, filled as needed and shared between variants.
   """
-  family_name, kind = VARIANTS[variant]
+  _, kind = VARIANTS[variant]
   runs = []
   for seed in cfg.seeds:
     run = storage.load_run(save_dir, variant, seed) if save_dir else None
@@ -115,7 +116,7 @@ def _variant_runs(variant: str, tables: dict[str, StateTable], naive: dict[str, 
       log.info("%s: training predictors, seed %d", variant, seed)
       if kind == "soft" and seed not in assigns:
         assigns[seed] = fit_clusters(tables["fit"], seed, cfg)
-      fitted = fit_variant(tables, family_name, kind, seed, cfg, assigns.get(seed))
+      fitted = fit_variant(tables, variant, seed, cfg, assigns.get(seed))
       run = _run(fitted, tables["cal"], tables["test"], naive, cfg, num_classes,
                  details=seed == cfg.seeds[0] and variant == "quee")
       if save_dir:
@@ -232,6 +233,7 @@ def signal_recovery(fit: StateTable, cal: StateTable, test: StateTable, level: s
   diagnostics should show it; hidden, both should fall back to the envelope.
   """
   top = fit.family.ladder[fit.family.top]
+  level = precision.canonical_name(level)
   if level not in fit.family.ladder or level == top:
     raise ValueError(f"level: expected a level of {list(fit.family.ladder)} other than the full"
                      f" model's {top!r}, got {level!r}")

@@ -61,13 +61,23 @@ def _variant_family(base: PathFamily, family_name: str | None) -> PathFamily:
                             base.start_levels)
 
 
-def fit_variant(tables: dict[str, StateTable], family_name: str | None, target_kind: str,
-                seed: int, cfg: EvalConfig, assign: np.ndarray | None = None) -> Fitted:
+def _check_variant(variant: str) -> tuple[str | None, str]:
+  """(family name or None for the collected one, target kind) of a variant name."""
+  if variant not in VARIANTS:
+    raise ValueError(f"variant: expected one of {list(VARIANTS)}, got {variant!r}")
+  return VARIANTS[variant]
+
+
+def fit_variant(tables: dict[str, StateTable], variant: str = "quee", seed: int = 0,
+                cfg: EvalConfig = EvalConfig(), assign: np.ndarray | None = None) -> Fitted:
   """Trains one variant's predictors on tables['fit'] and predicts on every table.
 
-  assign: `fit_clusters` of tables['fit'] for this seed (computed if None); a
-  sub-family's states reuse the clusters of the same histories.
+  variant: a key of VARIANTS (its path family and kind of targets); seed: the
+  predictor's and the clusters' seed. assign: `fit_clusters` of tables['fit'] for
+  this seed (computed if None); a sub-family's states reuse the clusters of the
+  same histories.
   """
+  family_name, target_kind = _check_variant(variant)
   base = tables["fit"].family
   fam = _variant_family(base, family_name)
   fit = tables["fit"].restrict(fam)
@@ -91,12 +101,11 @@ def fit_variant(tables: dict[str, StateTable], family_name: str | None, target_k
 def load_variant(tables: dict[str, StateTable], variant: str, seed: int, cfg: EvalConfig,
                  save_dir: str) -> Fitted:
   """A variant's predictors as `evaluate` saved them, with their predictions on every table."""
-  if variant not in VARIANTS:
-    raise ValueError(f"variant: expected one of {list(VARIANTS)}, got {variant!r}")
+  family_name, _ = _check_variant(variant)
   path = predictors_path(save_dir, variant, seed)
   if not os.path.isdir(path):
     raise ValueError(f"save_dir: no saved predictors at {path!r}; run the evaluate stage first")
-  fam = _variant_family(tables["fit"].family, VARIANTS[variant][0])
+  fam = _variant_family(tables["fit"].family, family_name)
   pcfg = dataclasses.replace(cfg.predictor, seed=seed)
   return _with_predictions(fam, predictor.load(path), {}, tables, pcfg, cfg.soft_floor)
 

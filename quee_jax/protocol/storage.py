@@ -119,11 +119,12 @@ def save_run(save_dir: str, variant: str, seed: int, run: SeedRun, params: dict)
   """Saves a run's predictors, then its results: a results file means a complete run."""
   path = predictors_path(save_dir, variant, seed)
   predictor.save(params, path)
-  _write_json(path + ".json", run.to_json())
+  write_json(path + ".json", run.to_json())
 
 
-def _write_json(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+def write_json(path: str, obj, indent: int | None = None) -> None:
+  """Writes JSON to a temporary name and renames it: an interrupted write leaves no file."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path + ".tmp", "w") as f:
-    json.dump(obj, f)
+    json.dump(obj, f, indent=indent)
   os.replace(path + ".tmp", path)

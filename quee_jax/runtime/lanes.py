@@ -17,16 +17,26 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import jax
 import numpy as np
 
 from quee_jax.gating import policy, predictor
-from quee_jax.runtime.stage import Buffers, RowState, StageOut
+from quee_jax.runtime.gating import Gating
+from quee_jax.runtime.stage import Buffers, RowState, Stage, StageOut
 
-if TYPE_CHECKING:  # runner imports this module
-  from quee_jax.runtime.runner import Runner
+
+@dataclasses.dataclass(frozen=True)
+class LaneSpec:
+  """How a runner cuts, pads and spreads a batch (`Runner`'s arguments of the same names)."""
+
+  num_devices: int
+  lanes_per_device: int
+  max_batch: int
+  buckets: tuple[int, ...]        # the padded group sizes, increasing, the last max_batch
+  input_shape: tuple[int, ...]
+  input_dtype: np.dtype
 
 
 @dataclasses.dataclass(eq=False)
@@ -53,15 +63,18 @@ class Lane:
 class LaneLoop:
   """One `Runner.classify` call: its lanes, run gate by gate.
 
-  images, lam, start: the checked batch, λ per sample and start state per sample.
+  stage: the runner's compiled programs; gating: the policy deciding (its family's costs
+  give ΔC); spec: how the batch is cut and padded; images, lam, start: the checked batch,
+  λ per sample and start state per sample.
   """
 
-  def __init__(self, runner: Runner, images: np.ndarray, lam: np.ndarray, start: np.ndarray):
-    self.runner, self.stage = runner, runner.stage
+  def __init__(self, stage: Stage, gating: Gating, spec: LaneSpec, images: np.ndarray,
+               lam: np.ndarray, start: np.ndarray):
+    self.stage, self.gating, self.family, self.spec = stage, gating, gating.family, spec
     self.images, self.lam, self.start = images, lam, start
-    fam = runner.family
+    fam = self.family
     self.anc_changes = fam.level[np.maximum(fam.parent, 0)] != fam.level  # a switch into s
-    self.shrink = runner.gating.predictor.get("shrink")
+    self.shrink = gating.predictor.get("shrink")
 
   def run(self, jobs: list[list[np.ndarray]]) -> Iterator[tuple[np.ndarray, np.ndarray,
                                                                 np.ndarray]]:
@@ -82,8 +95,8 @@ class LaneLoop:
         self._dispatch(lane)
         running.append(lane)
 
-    for d in range(len(self.runner.devices)):
-      for _ in range(self.runner.lanes_per_device):
+    for d in range(self.spec.num_devices):
+      for _ in range(self.spec.lanes_per_device):
         launch(d, None)
     while running:
       lane = running.popleft()
@@ -96,7 +109,7 @@ class LaneLoop:
         launch(lane.device, lane.buffers)
 
   def _new_lane(self, device: int, idx: np.ndarray, buffers: Buffers | None) -> Lane:
-    row_state = RowState.start(self.start[idx], self.runner.max_batch + 1)  # row i: sample i
+    row_state = RowState.start(self.start[idx], self.spec.max_batch + 1)  # row i: sample i
     if buffers is None:
       buffers = self.stage.zero_buffers(device)
     m = len(idx)
@@ -105,9 +118,9 @@ class LaneLoop:
 
   def _dispatch(self, lane: Lane) -> None:
     """Queues the programs of the lane's current gate, one per level group (not waiting)."""
-    r = self.runner
+    r = self.spec
     act = lane.active
-    lv = r.family.level[lane.row_state.state[act]]
+    lv = self.family.level[lane.row_state.state[act]]
     for q in np.unique(lv):
       members = act[lv == q]
       m = len(members)
@@ -137,7 +150,7 @@ class LaneLoop:
 
   def _decide(self, lane: Lane, members: np.ndarray, out: StageOut) -> None:
     """Exits or moves on each of `members` (positions) after its current gate's program."""
-    fam = self.runner.family
+    fam = self.family
     cur, pred = lane.row_state.state[members], out.pred
     if lane.gate == fam.num_gates - 1:
       exiting, nxt = np.ones(len(members), bool), cur
@@ -145,7 +158,7 @@ class LaneLoop:
       errors = out.errors
       if self.shrink is not None:
         errors = predictor.apply_shrinkage(errors, self.shrink, fam, states=cur)
-      exiting, nxt = policy.step(fam, cur, errors, lane.lam[members], self.runner.gating.tau)
+      exiting, nxt = policy.step(fam, cur, errors, lane.lam[members], self.gating.tau)
     lane.done_state[members[exiting]] = cur[exiting]
     lane.done_pred[members[exiting]] = pred[exiting]
     go = ~exiting

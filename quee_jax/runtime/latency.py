@@ -8,17 +8,14 @@ time. The predictors are the same.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from quee_jax.core.cost import CostTable
+from quee_jax.runtime.runner import Runner
 from quee_jax.runtime.stage import RowState
-
-if TYPE_CHECKING:  # runner imports this module
-  from quee_jax.runtime.runner import Runner
 
 
 def time_stage(runner: Runner, gate: int, level: int, blocks: bool = True, reps: int = 5) -> float:
@@ -30,10 +27,8 @@ def time_stage(runner: Runner, gate: int, level: int, blocks: bool = True, reps:
   stage, b = runner.stage, runner.max_batch
   rng = np.random.default_rng(0)
   buffers = stage.zero_buffers(0)
-  hidden = buffers.hidden
-  hidden = jax.device_put(jnp.asarray(rng.normal(size=hidden.shape), hidden.dtype),
-                          runner.devices[0])
-  buffers = buffers._replace(hidden=hidden)
+  buffers = buffers._replace(hidden=jax.device_put(
+      jnp.asarray(rng.normal(size=buffers.hidden.shape), buffers.hidden.dtype), runner.devices[0]))
   rows = np.arange(b, dtype=np.int32)
   state = RowState.start(np.full(b, runner.family.states_at(gate)[0]), b)  # all in one state
   imgs = None

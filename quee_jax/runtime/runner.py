@@ -25,58 +25,12 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from quee_jax.core import precision
 from quee_jax.core.backbone import Backbone, Params
 from quee_jax.core.cost import CostTable
-from quee_jax.core.paths import PathFamily
-from quee_jax.gating import features, policy
-from quee_jax.runtime.lanes import LaneLoop
+from quee_jax.gating import policy
+from quee_jax.runtime.gating import Gating, check_gating
+from quee_jax.runtime.lanes import LaneLoop, LaneSpec
 from quee_jax.runtime.stage import Stage
-
-
-@dataclasses.dataclass(frozen=True)
-class Gating:
-  """What a trained QuEE policy is made of (everything but the backbone and λ).
-
-  Attributes:
-    family: the path family: states, candidates, and the costs ΔC is taken from.
-    predictor: the per-gate MLPs (`predictor.train`), with their "shrink"
-      calibration if the evaluation used one.
-    predictor_level: the level the predictors run at (a name is parsed when the
-      Gating is made).
-    population_err: `policy.start_errors` of the fit table (the start level).
-    tau: the decision rule's soft floor (`policy`).
-  """
-
-  family: PathFamily
-  predictor: Params
-  predictor_level: precision.Level
-  population_err: np.ndarray
-  tau: float = policy.SOFT_FLOOR
-
-  def __post_init__(self):
-    try:
-      object.__setattr__(self, "predictor_level", precision.parse_level(self.predictor_level))
-    except ValueError as e:  # parse_level names its argument "level"
-      raise ValueError(f"predictor_{e}") from None
-
-  @property
-  def num_features(self) -> int:
-    return int(np.shape(self.predictor["mean"])[0])
-
-  @property
-  def summary_dim(self) -> int:
-    """Dimensions of the projected exit summary among the predictor's inputs."""
-    return self.num_features - features.num_features(self.family, 0)
-
-  def with_costs(self, costs: CostTable) -> "Gating":
-    """The same predictors deciding with another cost model (e.g. `latency_costs`)."""
-    return dataclasses.replace(self, family=self.family.with_costs(costs))
-
-
-def gating_from_fitted(fitted, predictor_level: str | precision.Level) -> Gating:
-  """A `Gating` from a `protocol.Fitted` (its family already counts the predictors)."""
-  return Gating(fitted.family, fitted.params, predictor_level, fitted.population_err, fitted.tau)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,26 +56,6 @@ def _buckets(max_batch: int, min_bucket: int) -> tuple[int, ...]:
   return tuple(sorted(out | {max_batch}))
 
 
-def _check_gating(backbone: Backbone, gating: Gating) -> None:
-  """ValueError unless the gating's family and predictors fit the backbone."""
-  fam, p = gating.family, gating.predictor
-  if tuple(fam.exits) != tuple(backbone.exits):
-    raise ValueError(f"gating: family built for exits {fam.exits},"
-                     f" the backbone has {backbone.exits}")
-  G, C, F = fam.num_gates, len(fam.candidates), gating.num_features
-  for key, shape in (("w1", (G, F, None)), ("w2", (G, None, C))):
-    got = np.shape(p[key])
-    if len(got) != 3 or any(s is not None and s != g for s, g in zip(shape, got)):
-      raise ValueError(f"gating: predictor {key} has shape {got}; the family needs {G} gates and"
-                       f" {C} candidates (trained for another ladder or exits?)")
-  if gating.summary_dim < 0 or (gating.summary_dim > 0 and backbone.summary is None):
-    raise ValueError(f"gating: the predictor takes {F} features, which does not fit this"
-                     f" backbone and family (trained for another ladder or exits?)")
-  if np.shape(gating.population_err) != (len(fam.start_levels), G):
-    raise ValueError(f"gating: population_err has shape {np.shape(gating.population_err)},"
-                     f" expected {(len(fam.start_levels), G)}")
-
-
 class Runner:
   """Classifies batches of raw inputs with a QuEE policy, skipping what it does not run.
 
@@ -145,7 +79,7 @@ class Runner:
                input_shape: Sequence[int], input_dtype=np.float32, max_batch: int = 1024,
                min_bucket: int = 32, devices: Sequence | None = None,
                lanes_per_device: int | None = None):
-    _check_gating(backbone, gating)
+    check_gating(backbone, gating)
     self.devices = list(devices) if devices is not None else jax.local_devices()
     if lanes_per_device is None:
       lanes_per_device = 1 if all(d.platform == "cpu" for d in self.devices) else 2
@@ -186,7 +120,10 @@ class Runner:
       raise ValueError(f"images: {bad} image(s) hold NaN or infinite values")
     if self.backbone.check_inputs is not None:  # e.g. token ids beyond the vocabulary
       self.backbone.check_inputs(images)
-    lam = np.asarray(lam, np.float64)
+    try:
+      lam = np.asarray(lam, np.float64)
+    except (TypeError, ValueError):
+      raise ValueError(f"lam: expected a number or one per image, got {lam!r}") from None
     if lam.ndim == 0:
       lam = np.full(len(images), float(lam))
     if lam.shape != (len(images),):
@@ -215,7 +152,9 @@ class Runner:
       for d, idx in enumerate(np.array_split(batch, len(self.devices))):
         if len(idx):
           jobs[d].append(idx)
-    for idx, s, p in LaneLoop(self, images, lam, start).run(jobs):
+    spec = LaneSpec(len(self.devices), self.lanes_per_device, self.max_batch, self.buckets,
+                    self.input_shape, self.input_dtype)
+    for idx, s, p in LaneLoop(self.stage, self.gating, spec, images, lam, start).run(jobs):
       state[idx], pred[idx] = s, p
     levels = fam.history[state]
     return RunResult(pred=pred, exit_state=state, exit_gate=fam.gate[state], levels=levels,

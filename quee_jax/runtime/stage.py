@@ -15,7 +15,7 @@ buckets whatever the data.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +25,7 @@ from quee_jax.core import precision
 from quee_jax.core.backbone import Backbone, Params
 from quee_jax.core.exit_stats import softmax_features, summary_projection
 from quee_jax.gating import features, predictor
-
-if TYPE_CHECKING:  # runner imports this module
-  from quee_jax.runtime.runner import Gating
+from quee_jax.runtime.gating import Gating
 
 
 class RowState(NamedTuple):
