@@ -28,7 +28,9 @@ first compares every level there with the host CPU (`quee_jax.runtime.device_che
 The last line is a JSON object: device, full_img_per_s, speedup_at_half_point
 (the confident half point of the better cost model, named in cost_model),
 accuracy_drop (test accuracy lost there), half_point_z, plus every timed row
-and the block timings per level.
+and the block timings per level (block_us_per_sample) with their spread
+(block_us_spread: half the interquartile range of the interleaved pairs,
+`runtime.latency_model`).
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def median_seconds(fn, reps):
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  # At least one tick of the clock: every rate and ratio below divides by it.
+  return max(float(np.median(times)), time.get_clock_info("perf_counter").resolution)
 
 
 def simulated(fitted, test, lam: np.ndarray, start: np.ndarray):
@@ -148,9 +151,9 @@ def time_full_model(bb, params, level: str, test_x, test_y) -> tuple[float, floa
   return full_acc, full_s
 
 
-def build_runners(bb, params, fitted, plan, test_x) -> tuple[dict, dict, dict[str, float]]:
+def build_runners(bb, params, fitted, plan, test_x) -> tuple[dict, dict, dict[str, dict]]:
   """Per cost model ("bops", "latency"): the runner and the fitted policy deciding with its
-  costs; and the block time per sample of each level (us). On an accelerator, first checks
+  costs; and the block time per sample of each level and its spread (us). On an accelerator, first checks
   that every level and the predictors compute there what they do on the host."""
   fam = fitted.family
   gating = runtime.gating_from_fitted(fitted, plan.eval.predictor.level)
@@ -165,18 +168,27 @@ def build_runners(bb, params, fitted, plan, test_x) -> tuple[dict, dict, dict[st
                           input_dtype=test_x.dtype, max_batch=FLAGS.max_batch,
                           lanes_per_device=FLAGS.lanes_per_device)
   t0 = time.time()
-  lat = runtime.latency_costs(runner, reps=FLAGS.reps)
-  print(f"latency cost model measured in {time.time() - t0:.0f} s")
+  model = runtime.latency_model(runner, reps=FLAGS.reps)
+  lat = model.costs
+  print(f"latency cost model measured in {time.time() - t0:.0f} s ({model.pairs} interleaved"
+        " pairs per program, median)")
   names, top = list(fam.ladder), fam.ladder[fam.top]
-  block_us = {n: float(1e6 * lat.full_model * lat.blocks[:, q].mean()) for q, n in enumerate(names)}
-  # On a loaded machine a block's measured time can come out as 0 (program with blocks minus
-  # program without, clipped): no ratio then, rather than a division by zero.
+  us = lambda a: 1e6 * lat.full_model * a  # normalized costs back to microseconds per sample
+  block_us = {n: float(us(lat.blocks[:, q].mean())) for q, n in enumerate(names)}
+  spread_us = {n: float(us(model.spread[:, q].mean())) for q, n in enumerate(names)}
+  # Block times are floored above 0 by the model (runtime.latency.MIN_BLOCK_FRACTION), so the
+  # ratio is defined; the guard stays for a model that ever says otherwise.
   ratio = lambda v: f"{v / block_us[top]:.2f}x" if block_us[top] > 0 else "n/a"
-  print("block time per sample (us): " + ", ".join(f"{n} {v:.2f}" for n, v in block_us.items())
+  print("block time per sample (us, ± half the interquartile range of the pairs): "
+        + ", ".join(f"{n} {v:.3g} ± {spread_us[n]:.2g}" for n, v in block_us.items())
         + "; relative to " + top + ": " + ", ".join(f"{n} {ratio(v)}" for n, v in block_us.items()))
+  if model.floored.any():
+    print(f"  {int(model.floored.sum())} of {model.floored.size} (block, level) times measured"
+          f" below the floor ({100 * runtime.latency.MIN_BLOCK_FRACTION:g}% of their gate's"
+          " program without blocks) and were charged it: too noisy to resolve here")
   runners = {"bops": runner, "latency": runner.with_costs(lat)}
   fits = {"bops": fitted, "latency": dataclasses.replace(fitted, family=runners["latency"].family)}
-  return runners, fits, block_us
+  return runners, fits, {"block_us_per_sample": block_us, "block_us_spread": spread_us}
 
 
 class Case(NamedTuple):
@@ -249,7 +261,7 @@ def time_cases(cases: list[Case], runners: dict, fits: dict, test, test_x, test_
 
 
 def report(device: str, full_accuracy: float, full_img_per_s: float, z: float,
-           block_us: dict[str, float], rows: list[dict], n: int) -> None:
+           timings: dict[str, dict], rows: list[dict], n: int) -> None:
   """Prints the JSON line (the half point of the faster cost model, every row); exits with an
   error if the runner differs from the simulation on too many of the n samples in any row."""
   halves = [r for r in rows if r["lambda"].startswith("half point")]
@@ -258,7 +270,7 @@ def report(device: str, full_accuracy: float, full_img_per_s: float, z: float,
                     "full_img_per_s": full_img_per_s, "full_accuracy": full_accuracy,
                     "speedup_at_half_point": best["speedup"], "cost_model": best["cost_model"],
                     "accuracy_drop": best["accuracy_drop"], "half_point_z": z,
-                    "block_us_per_sample": block_us, "rows": rows}))
+                    **timings, "rows": rows}))
   # Float rounding that depends on the batch shape moves ~0.1% of samples (docs/results/runtime.md); far more
   # means the runner computed something else than the tables: its timings are not the policy's.
   off = [r for r in rows if r["mismatches"] > MAX_MISMATCH * n]
@@ -289,10 +301,10 @@ def main(argv):
         f" {len(test_y)} test images; predictors {FLAGS.variant} seed {seed}")
   full_level = plan.ladder[fitted.family.top]
   full_acc, full_s = time_full_model(bb, params, full_level, test_x, test_y)
-  runners, fits, block_us = build_runners(bb, params, fitted, plan, test_x)
+  runners, fits, timings = build_runners(bb, params, fitted, plan, test_x)
   cases = operating_points(fits, tables, plan.eval, z, budgets, caps)
   rows = time_cases(cases, runners, fits, tables["test"], test_x, test_y, full_acc, full_s)
-  report(device, full_acc, len(test_y) / full_s, z, block_us, rows, len(test_y))
+  report(device, full_acc, len(test_y) / full_s, z, timings, rows, len(test_y))
 
 
 if __name__ == "__main__":

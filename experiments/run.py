@@ -33,13 +33,31 @@ if __name__ == "__main__":
       pipeline.run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.stages)
     except (ValueError, device_check.DeviceMismatch) as e:  # the message says what to change
       sys.exit(f"error: {e}")
+    except PermissionError as e:  # a file in the work directory that is not ours to write
+      sys.exit(f"error: {e}")
 
   def parse_flags(argv):
     try:
-      return flags.FLAGS(argv)
+      rest = flags.FLAGS(argv)
+      flags.FLAGS.config.to_dict()  # ml_collections defers a config file's load error to here
+      return rest
     except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown key
       sys.exit(f"error: --config: no such key {str(e).strip(chr(34))} (check the override's spelling)")
     except (TypeError, ValueError, flags.Error) as e:
       sys.exit(f"error: {e}")
+    except SyntaxError as e:
+      sys.exit(f"error: --config: cannot load {config_path(argv)!r}: {e}")
+    except OSError as e:  # ml_collections: a config file that does not load (many lines)
+      why = str(e).strip().splitlines()[-1].strip()
+      sys.exit(f"error: --config: cannot load {config_path(argv)!r}: {why}")
+
+  def config_path(argv) -> str:
+    """The --config flag's file, as given."""
+    for i, a in enumerate(argv):
+      if a.startswith("--config="):
+        return a.split("=", 1)[1].split(":", 1)[0]
+      if a == "--config" and i + 1 < len(argv):
+        return argv[i + 1].split(":", 1)[0]
+    return "?"
 
   app.run(main, flags_parser=parse_flags)

@@ -15,6 +15,7 @@ accelerators take each stack in one call.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterator
 
 import jax
@@ -22,12 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm.auto import tqdm
 
 from quee_jax.core.backbone import Backbone, Params
 from quee_jax.core.exit_stats import FEATURES, softmax_features, summary_projection
 from quee_jax.core.paths import PathFamily
 from quee_jax.core.table import StateTable
+from quee_jax.train import Progress
+
+log = logging.getLogger(__name__)
 
 
 def default_rows_per_call() -> int:
@@ -156,7 +159,7 @@ def collect_table(backbone: Backbone, params: Params, family: PathFamily,
       `default_rows_per_call()`); a speed knob, results do not depend on it.
     summary_dim: keep this many dimensions of a fixed random projection of each
       state's exit summary (0: none; ignored for backbones without `summary`).
-    progress: show a progress bar (on terminals).
+    progress: show progress: a bar on terminals, else a log line every ~10% or minute.
     meta: extra JSON-serializable metadata stored with the table (e.g. dataset).
   """
   _check_family(backbone, family)
@@ -199,13 +202,17 @@ def collect_table(backbone: Backbone, params: Params, family: PathFamily,
     chunks.append({k: np.asarray(v)[:, :valid] for k, v in out.items()})
 
   num_batches = -(-len(labels) // batch_size)
-  for x, y, valid in tqdm(padded_batches(inputs, labels, batch_size), total=num_batches,
-                          desc=f"collect {family.name}", disable=None if progress else True):
-    out = step(params, jax.device_put(x, by_sample), jax.device_put(y, by_sample))
-    if pending is not None:
-      fetch(pending)
-    pending = (out, valid)
-  fetch(pending)
+  # A bar on terminals, periodic log lines otherwise (a log file shows no bar).
+  with Progress(num_batches, f"collect {family.name}", unit="batch", enabled=progress,
+                logger=log) as bar:
+    for x, y, valid in padded_batches(inputs, labels, batch_size):
+      out = step(params, jax.device_put(x, by_sample), jax.device_put(y, by_sample))
+      if pending is not None:
+        fetch(pending)
+        bar.update(1)
+      pending = (out, valid)
+    fetch(pending)
+    bar.update(1)
 
   cat = {k: np.concatenate([c[k] for c in chunks], axis=1) for k in chunks[0]}
   return StateTable(

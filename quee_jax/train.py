@@ -16,6 +16,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
+import shutil
+import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -35,6 +39,74 @@ from quee_jax.models import ModelConfig, vit
 
 Params = Any
 log = logging.getLogger(__name__)
+
+
+# Without a terminal (a log file), a plain progress line this often: every PROGRESS_FRACTION of
+# the steps or every PROGRESS_SECONDS, whichever comes first.
+PROGRESS_FRACTION = 0.1
+PROGRESS_SECONDS = 60.0
+
+
+def _is_terminal(stream) -> bool:
+  try:
+    return stream.isatty()
+  except (AttributeError, ValueError):  # no isatty, or a closed stream
+    return False
+
+
+class Progress:
+  """Progress of a loop of `total` steps, shown where the output goes.
+
+  On a terminal, a tqdm bar (it redraws in place). Elsewhere a bar shows nothing useful — a
+  log file gets no lines from tqdm(disable=None) — so `logger` gets a plain INFO line every
+  PROGRESS_FRACTION of the steps or PROGRESS_SECONDS, and at the end.
+  """
+
+  def __init__(self, total: int, desc: str, *, initial: int = 0, unit: str = "step",
+               enabled: bool = True, terminal: bool | None = None,
+               logger: logging.Logger | None = None):
+    """terminal: None asks whether stderr is one (where tqdm draws)."""
+    self.total, self.desc, self.unit, self.n = total, desc, unit, initial
+    self.logger = logger or log
+    terminal = _is_terminal(sys.stderr) if terminal is None else terminal
+    self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False,
+                    disable=not (enabled and terminal))
+    self.lines = enabled and not terminal
+    self.t0 = self.last_t = time.time()
+    self.start = self.last_n = initial
+    self.postfix: dict[str, str] = {}
+
+  def update(self, n: int = 1, **postfix: str) -> None:
+    """n more steps done; postfix: short name -> value shown beside the count."""
+    self.n += n
+    self.postfix = postfix or self.postfix
+    self.bar.update(n)
+    if postfix:
+      self.bar.set_postfix(postfix)
+    if not self.lines:
+      return
+    now = time.time()
+    every = max(1, int(np.ceil(PROGRESS_FRACTION * self.total)))
+    if self.n >= self.total or self.n - self.last_n >= every or now - self.last_t >= PROGRESS_SECONDS:
+      self._line(now)
+
+  def _line(self, now: float) -> None:
+    done, secs = self.n - self.start, now - self.t0
+    left = f", ~{secs / done * (self.total - self.n):.0f}s left" if 0 < done and self.n < self.total else ""
+    extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
+    pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+    self.logger.info("%s: %s %d/%d%s, %.0fs%s%s", self.desc, self.unit, self.n, self.total, pct,
+                     secs, left, extra)
+    self.last_n, self.last_t = self.n, now
+
+  def close(self) -> None:
+    self.bar.close()
+
+  def __enter__(self) -> "Progress":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,9 +205,51 @@ def _restore(manager, state, directory: str):
   step = manager.latest_step()
   if step is None:
     return state, 0
-  # The optimizer state mirrors the params, so checking the params names the culprit.
-  check_shapes(manager.item_metadata(step)["params"], state["params"], f"checkpoint {directory}")
-  return manager.restore(step, args=ocp.args.StandardRestore(state)), step
+  # A damaged checkpoint fails one read while tensorstore's other reads still call back into
+  # a closed event loop, each printing a traceback from its own thread (no Python hook sees
+  # them): stderr is held at the descriptor, and dropped when the checkpoint does not restore.
+  sys.stderr.flush()
+  saved, error, hook = os.dup(2), None, sys.unraisablehook
+  sys.unraisablehook = lambda u: None if error is not None else hook(u)  # a test runner's hook
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      try:
+        metadata = manager.item_metadata(step)["params"]
+      except Exception as e:  # orbax raises many types for a damaged checkpoint
+        error = e
+      if error is None:
+        # The optimizer state mirrors the params, so checking the params names the culprit.
+        check_shapes(metadata, state["params"], f"checkpoint {directory}")
+        try:
+          restored = manager.restore(step, args=ocp.args.StandardRestore(state))
+        except Exception as e:
+          error = e
+      if error is not None:
+        restored = _start_over(manager, state, directory, error)
+        time.sleep(1.0)  # the pending reads end while their noise is held
+    finally:
+      sys.unraisablehook = hook
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      if error is None:  # what a restore said otherwise
+        held.seek(0)
+        sys.stderr.write(held.read().decode(errors="replace"))
+  return restored, 0 if error is not None else step
+
+
+def _start_over(manager, state, directory: str, error: Exception):
+  """Deletes the damaged checkpoints in directory (keeping other files, e.g. the pipeline's
+  stamp) so that training starts from scratch; returns the fresh state."""
+  why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  print(f"notice: the checkpoint in {directory} does not restore ({why[:200]});"
+        " training this stage from scratch", flush=True)
+  for name in os.listdir(directory):  # orbax names a step's directory by its number
+    if name.isdigit() or ".orbax-checkpoint-tmp" in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+  manager.reload()  # forget the deleted steps
+  return state
 
 
 def fit(loss_fn: Callable[[Params, Params, jax.Array, jax.Array, jax.Array],
@@ -144,6 +258,9 @@ def fit(loss_fn: Callable[[Params, Params, jax.Array, jax.Array, jax.Array],
         desc: str, evaluate: Callable[[Params], dict] | None = None,
         on_step: Callable[[int, dict], None] | None = None) -> Params:
   """Minimises `loss_fn(trainable, frozen, images, labels, key) -> (loss, accuracy)` over `split`.
+
+  `accuracy` is a scalar or a dict of named scalars (e.g. one per exit); each is averaged
+  over the epoch in the per-epoch log line and passed to `on_step` under its name.
 
   `key` is derived from (seed, step), like the batches, so resuming replays it.
 
@@ -168,23 +285,23 @@ def fit(loss_fn: Callable[[Params, Params, jax.Array, jax.Array, jax.Array],
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], frozen, images, labels, jax.random.fold_in(base_key, step))
     updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+    named = acc if isinstance(acc, dict) else {"accuracy": acc}
     return {"params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state}, {"loss": loss, "accuracy": acc}
+            "opt_state": opt_state}, {"loss": loss, **named}
 
   batches = split.batches(tc.batch_size, shuffle=True, seed=tc.seed, start_step=start,
                           num_steps=total - start, augment=tc.augment)
-  sums, count, t0 = {"loss": 0.0, "accuracy": 0.0}, 0, time.time()
-  # disable=None: a bar on terminals only; logs get the per-epoch lines.
-  with tqdm(total=total, initial=start, desc=desc, unit="step", leave=False, disable=None) as bar:
+  sums, count, t0 = {}, 0, time.time()
+  # A bar on terminals; periodic lines in log files; and the per-epoch lines in both.
+  with Progress(total, desc, initial=start) as bar:
     for step, batch in enumerate(batches, start=start + 1):
       state, metrics = train_step(state, batch.images, batch.labels, step)
       manager.save(step, args=ocp.args.StandardSave(state), force=step == total)
       metrics = {k: float(v) for k, v in metrics.items()}
-      for k in sums:
-        sums[k] += metrics[k]
+      for k in metrics:
+        sums[k] = sums.get(k, 0.0) + metrics[k]
       count += 1
-      bar.update(1)
-      bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+      bar.update(1, loss=f"{metrics['loss']:.3f}")
       if on_step is not None:
         on_step(step, metrics)
       if step % steps_per_epoch == 0 or step == total:
@@ -194,7 +311,7 @@ def fit(loss_fn: Callable[[Params, Params, jax.Array, jax.Array, jax.Array],
         log.info("%s epoch %.1f (step %d/%d, %.0fs): %s", desc, step / steps_per_epoch,
                      step, total, time.time() - t0,
                      ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
-        sums, count = {k: 0.0 for k in sums}, 0
+        sums, count = {}, 0
   manager.wait_until_finished()
   manager.close()
   return state["params"]
@@ -261,7 +378,9 @@ def train_exit_heads(cfg: ModelConfig, params: Params, split: Split, tc: TrainCo
 
   Works for any model config (ViT, BERT). Each head starts from its current
   value (the final head from the backbone's). The loss is the mean over exits;
-  the backbone's parameters are not changed.
+  the backbone's parameters are not changed. The per-epoch log line gives every
+  exit's train accuracy and, with `eval_split` (e.g. cal; optional), its accuracy
+  there at `level`.
   """
   level = precision.parse_level(level)
   bb = models.backbone(cfg)
@@ -273,7 +392,9 @@ def train_exit_heads(cfg: ModelConfig, params: Params, split: Split, tc: TrainCo
     logits = jnp.stack([bb.exit_head({"heads": heads}, e, h) for e, h in enumerate(feats)])
     targets = jax.nn.one_hot(labels, bb.num_classes)[None]  # the same for every exit
     loss = cross_entropy(logits, targets, tc.label_smoothing).mean()
-    return loss, (jnp.argmax(logits[-1], -1) == labels).mean()
+    # Every exit's own train accuracy: the last exit's alone says little about the others.
+    right = (jnp.argmax(logits, -1) == labels[None]).mean(axis=1)
+    return loss, {f"train_exit{e + 1}": right[e] for e in range(len(feats))}
 
   evaluate = None
   if eval_split is not None:

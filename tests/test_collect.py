@@ -188,3 +188,13 @@ def test_sharded_collection_over_8_devices_matches_one():
   out = subprocess.run([sys.executable, "-c", SHARDED], cwd=here, env=env,
                        capture_output=True, text=True, timeout=600)
   assert "SHARDED_OK" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+def test_progress_reaches_a_log_file(tiny, caplog):
+  """Not a terminal (as under pytest): plain lines, the last one at every batch done."""
+  _, params, bb = tiny
+  fam = family(bb, params, "float,w4a4")
+  with caplog.at_level("INFO", logger="quee_jax.collect"):
+    q.collect_table(bb, params, fam, images(23), labels(23), 4)
+  lines = [r.getMessage() for r in caplog.records if r.name == "quee_jax.collect"]
+  assert lines and lines[-1].startswith(f"collect {fam.name}: batch 6/6 (100%)"), lines

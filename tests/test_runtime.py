@@ -144,10 +144,13 @@ def test_a_second_batch_of_the_same_shape_compiles_nothing(setup, tiny, monkeypa
 
 def test_latency_cost_model_is_measured_and_decides_with_the_same_predictors(setup):
   x, tables, fitted, runner = setup
-  lat = runtime.latency_costs(runner, reps=2)
-  fam = runner.family
+  model = runtime.latency_model(runner, reps=2)
+  lat, fam = model.costs, runner.family
   assert lat.unit == "seconds" and lat.blocks.shape == (fam.num_blocks, len(fam.ladder))
-  assert (lat.blocks >= 0).all() and (lat.heads > 0).all() and lat.full_model > 0
+  assert (lat.blocks > 0).all() and (lat.heads > 0).all() and lat.full_model > 0
+  assert model.pairs == runtime.latency.MIN_PAIRS  # a spread needs a few pairs
+  assert model.spread.shape == model.floored.shape == lat.blocks.shape
+  assert (model.spread >= 0).all() and model.heads_spread.shape == lat.heads.shape
   timed = runner.with_costs(lat)
   assert timed.family.num_states == fam.num_states
   lat_fitted = dataclasses.replace(fitted, family=timed.family)
@@ -155,6 +158,45 @@ def test_latency_cost_model_is_measured_and_decides_with_the_same_predictors(set
     out = timed.classify(x["test"], lam)
     state, _ = simulated(lat_fitted, tables["test"], lam)
     np.testing.assert_array_equal(out.exit_state, state)
+
+
+def test_latency_block_times_are_positive_even_when_the_measured_difference_is_not(setup):
+  """Under load the program with blocks can time faster than the one without: each block is
+  charged the floor then, never 0 or less, and the spread says how noisy the pairs were."""
+  runner = setup[3]
+  fam = runner.family
+  rng = np.random.default_rng(0)
+  calls = []
+
+  def timer(gate, level, blocks):
+    calls.append((gate, level, blocks))
+    head = 1e-4 * (gate + 1)
+    # level 0's blocks come out slower than nothing (a negative difference); the others cost
+    # 1e-5 per block, with noise.
+    block = -5e-6 if level == 0 else 1e-5 * (level + 1)
+    n = fam.exits[gate] - ((0,) + fam.exits)[gate]
+    return head + (n * block if blocks else 0.0) + rng.normal(scale=1e-7)
+
+  model = runtime.latency_model(runner, reps=4, timer=timer)
+  lat, frac = model.costs, runtime.latency.MIN_BLOCK_FRACTION
+  assert (lat.blocks > 0).all() and lat.full_model > 0
+  assert model.floored[:, 0].all() and not model.floored[:, 1:].any()
+  bounds = (0,) + fam.exits
+  for g in range(fam.num_gates):  # the floor: a stated fraction of the gate's head program
+    seg = slice(bounds[g], bounds[g + 1])
+    np.testing.assert_allclose(lat.blocks[seg, 0] * lat.full_model, frac * 1e-4 * (g + 1),
+                               rtol=1e-2)
+    np.testing.assert_allclose(lat.blocks[seg, 1:] * lat.full_model,
+                               np.broadcast_to(1e-5 * np.arange(2, len(fam.ladder) + 1),
+                                               (bounds[g + 1] - bounds[g], len(fam.ladder) - 1)),
+                               rtol=0.1)
+  assert ((model.spread > 0) & (model.spread < 1e-2)).all()
+  # Interleaved: with and without alternate, so load hits both sides alike.
+  firsts = [calls[i][2] for i in range(0, 8, 2)]
+  assert firsts == [False, True, False, True] and len(calls) == 2 * 4 * fam.num_gates * len(fam.ladder)
+  runner.with_costs(lat)  # a cost table the runner takes
+  with pytest.raises(ValueError, match="reps: expected a positive int"):
+    runtime.latency_model(runner, reps=0, timer=timer)
 
 
 def test_bad_input_is_refused_before_any_compute(setup, tiny, monkeypatch):

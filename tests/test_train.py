@@ -77,12 +77,19 @@ def test_backbone_training_leaves_intermediate_heads_alone(trained, splits):
   assert train.evaluate_exits(SMALL, out, splits.test)[-1] > 0.4  # chance: 0.1
 
 
-def test_exit_heads_train_on_a_frozen_backbone(tmp_path, trained, splits):
+def test_exit_heads_train_on_a_frozen_backbone(tmp_path, trained, splits, caplog):
   _, params = trained
   before = train.evaluate_exits(SMALL, params, splits.test, "w4a4")
   tc = train.TrainConfig(epochs=3, batch_size=50, learning_rate=1e-2, checkpoint_every=1000)
-  out = train.train_exit_heads(SMALL, params, splits.train, tc, str(tmp_path / "heads"),
-                               level="w4a4", eval_split=splits.fit)
+  with caplog.at_level("INFO", logger="quee_jax.train"):
+    out = train.train_exit_heads(SMALL, params, splits.train, tc, str(tmp_path / "heads"),
+                                 level="w4a4", eval_split=splits.fit)
+  # Each epoch line reports every exit, on train and on the eval split, not the last alone.
+  epochs = [r.getMessage() for r in caplog.records if " epoch " in r.getMessage()]
+  assert len(epochs) == 3, epochs
+  for key in ("train_exit1", "train_exit2", "fit_exit1", "fit_exit2"):
+    assert key in epochs[-1], epochs[-1]
+  assert "accuracy" not in epochs[-1]
   for k in ("embedding", "cls", "pos_embedding", "blocks"):
     jax.tree.map(np.testing.assert_array_equal, out[k], params[k])
   after = train.evaluate_exits(SMALL, out, splits.test, "w4a4")
@@ -91,6 +98,26 @@ def test_exit_heads_train_on_a_frozen_backbone(tmp_path, trained, splits):
   again = train.train_exit_heads(SMALL, params, splits.train, tc, str(tmp_path / "heads"),
                                  level="w4a4")
   jax.tree.map(np.testing.assert_array_equal, again["heads"], out["heads"])
+
+
+def test_progress_without_a_terminal_logs_plain_lines(caplog, monkeypatch):
+  """A log file gets a line every ~10% of the steps (or minute) and one at the end."""
+  with caplog.at_level("INFO", logger="quee_jax.train"):
+    with train.Progress(40, "demo", terminal=False) as bar:
+      for _ in range(40):
+        bar.update(1, loss="0.5")
+  lines = [r.getMessage() for r in caplog.records]
+  assert len(lines) == 10 and lines[0].startswith("demo: step 4/40 (10%)"), lines
+  assert lines[-1].startswith("demo: step 40/40 (100%)") and "loss 0.5" in lines[-1]
+  caplog.clear()
+  with caplog.at_level("INFO", logger="quee_jax.train"):
+    for kw in ({"terminal": True}, {"terminal": False, "enabled": False}):
+      with train.Progress(5, "quiet", **kw) as bar:  # a bar, or nothing: no lines
+        bar.update(5)
+    monkeypatch.setattr(train, "PROGRESS_SECONDS", 0.0)  # time's up at every step
+    with train.Progress(1000, "slow", initial=10, terminal=False) as bar:
+      bar.update(1)
+  assert [r.getMessage()[:19] for r in caplog.records] == ["slow: step 11/1000 "]
 
 
 def test_restore_with_other_shapes_names_the_key(tmp_path, splits):

@@ -1,13 +1,15 @@
 """State tables: what every state of a path family does on every sample.
 
 Saved as a directory with `arrays.npz` (the arrays) and `meta.json` (family
-spec, ladder, backbone config, extras); written to temporary names and renamed,
-so an interrupted save never leaves a table that loads.
+spec, ladder, backbone config, extras, and the checksum of arrays.npz); written
+to temporary names and renamed, so an interrupted save never leaves a table that
+loads, and a damaged one fails to load with a ValueError naming the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -81,6 +83,14 @@ def _check_dir(path: str) -> None:
       raise ValueError(f"path: {path!r} holds no state table (missing {name})")
 
 
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
 def save_table(table: StateTable, path: str) -> None:
   """Writes `table` to the directory `path` (created if needed)."""
   os.makedirs(path, exist_ok=True)
@@ -98,7 +108,14 @@ def save_table(table: StateTable, path: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.")
     with os.fdopen(fd, "wb") as f:
       write(f)
+    if name == "arrays.npz":  # meta.json, written last, vouches for the arrays
+      meta["arrays_sha256"] = _sha256(tmp)
     os.replace(tmp, os.path.join(path, name))
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_table(path: str, *, ladder: list[str] | tuple[str, ...] | None = None,
@@ -111,8 +128,15 @@ def load_table(path: str, *, ladder: list[str] | tuple[str, ...] | None = None,
     family: if given, the family name it must have been collected with.
   """
   _check_dir(path)
-  with open(os.path.join(path, "meta.json")) as f:
-    meta = json.load(f)
+  meta_path, arrays_path = os.path.join(path, "meta.json"), os.path.join(path, "arrays.npz")
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+    if (not isinstance(meta, dict) or not isinstance(meta.get("family"), dict)
+        or not {"backbone", "meta"} <= set(meta) or not {"ladder", "name"} <= set(meta["family"])):
+      raise ValueError("not a table's meta.json")
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise ValueError(f"path: {meta_path} is damaged ({_first_line(e)})") from None
   if meta.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"path: table format {meta.get('format_version')} at {path!r},"
                      f" this version reads {FORMAT_VERSION}")
@@ -123,9 +147,22 @@ def load_table(path: str, *, ladder: list[str] | tuple[str, ...] | None = None,
   if family is not None and family != spec["name"]:
     raise ValueError(f"family: the table at {path!r} was collected with family"
                      f" {spec['name']!r}, not {family!r}")
-  fam = paths.from_spec(spec)
-  with np.load(os.path.join(path, "arrays.npz")) as z:
-    arrays = {k: z[k] for k in z.files}
+  if "arrays_sha256" in meta and _sha256(arrays_path) != meta["arrays_sha256"]:
+    raise ValueError(f"path: {arrays_path} is damaged (its content differs from the checksum"
+                     " in meta.json)")
+  try:
+    fam = paths.from_spec(spec)
+  except Exception as e:  # a spec that parses but says nothing sensible
+    raise ValueError(f"path: {meta_path} is damaged ({_first_line(e)})") from None
+  try:
+    with np.load(arrays_path) as z:
+      arrays = {k: z[k] for k in z.files}
+    missing = [k for k in ("labels", "pred", "correct", *(f"family/{a}" for a in _FAMILY_ARRAYS),
+                           *(f"feature/{f}" for f in FEATURES)) if k not in arrays]
+    if missing:
+      raise ValueError(f"no {missing[0]!r}")
+  except Exception as e:  # zipfile, zlib and numpy raise many types for a damaged file
+    raise ValueError(f"path: {arrays_path} is damaged ({_first_line(e)})") from None
   for k in _FAMILY_ARRAYS:
     if not np.array_equal(arrays[f"family/{k}"], getattr(fam, k)):
       raise ValueError(f"path: the table at {path!r} disagrees with its family spec on {k!r}"

@@ -21,6 +21,7 @@ import dataclasses
 import gzip
 import io
 import os
+import zlib
 from typing import Callable, Protocol
 
 import numpy as np
@@ -163,8 +164,12 @@ def fit_image(image: np.ndarray, size: int) -> np.ndarray:
 def read_idx(path: str) -> np.ndarray:
   """Reads one IDX file (MNIST format), gzipped or not."""
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+    what = "truncated" if isinstance(e, EOFError) else "not readable"
+    raise ValueError(f"path: {path!r} is {what} ({e}); fetch the IDX file again") from None
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
     raise ValueError(f"path: {path!r} is not an unsigned-byte IDX file")
   ndim = data[3]

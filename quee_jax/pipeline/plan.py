@@ -49,7 +49,11 @@ def make_plan(c: ml_collections.ConfigDict, stages=STAGES) -> Plan:
     raise ValueError(f"--stages: expected some of {STAGES}, got {list(stages)}")
   if c.dataset not in data.DATASETS:
     raise ValueError(f"--config.dataset: unknown {c.dataset!r}; expected one of {sorted(data.DATASETS)}")
-  checked("splits", data.check_sizes, c.splits.to_dict())
+  sizes = checked("splits", data.check_sizes, c.splits.to_dict())
+  for k, v in sizes.items():  # an empty split trains, collects or scores nothing (NaN)
+    if v == 0:
+      raise ValueError(f"--config.splits.{k}: expected a positive size (or None for the"
+                       " dataset's default), got 0")
   model = checked("model", models.make_config, c.model.to_dict())
   is_bert = isinstance(model, bert.BertConfig)
   kind, classes = data.DATASETS[c.dataset].kind, data.DATASETS[c.dataset].num_classes

@@ -17,14 +17,16 @@ made with the same config values; a changed value reruns the stages it affects
 and those after them. An interrupted run resumes: training from its latest
 orbax checkpoint, tables split by split, evaluation run by run (predictors/).
 The whole config is checked before any work; a bad value stops the run with a
-message naming its key.
+message naming its key. A run holds a lock on WORKDIR (a second run on it is
+refused); an output that is missing, damaged or made with other values is
+recomputed, with a notice naming the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import shutil
 import time
 
 import jax
@@ -36,9 +38,9 @@ from quee_jax.core.table import StateTable, load_table, save_table
 from quee_jax.gating import features
 from quee_jax.models import bert, bert_import, vit_import
 from quee_jax.pipeline.plan import STAGES, Plan, checked, make_plan
-from quee_jax.pipeline.workdir import made_with, stage_dir, stamps
+from quee_jax.pipeline.workdir import (LOCK, lock, made_with, notice, read_json, stage_dir,
+                                       stamps, write_sealed)
 from quee_jax.protocol import report
-from quee_jax.protocol.storage import write_json
 from quee_jax.runtime import device_check
 
 
@@ -46,9 +48,11 @@ def trained_params(c: ml_collections.ConfigDict, plan: Plan, splits: data.Splits
                    timings: dict[str, float]):
   """The backbone and exit heads: restored when their checkpoints are finished, else trained
   (or resumed from the latest checkpoint)."""
+  workdir = os.path.abspath(workdir)  # orbax takes absolute paths only
   st = stamps(c)
   t0 = time.time()
   p = None
+  say("backbone: start")
   if isinstance(plan.model, bert.BertConfig):
     p = bert_import.load_pretrained(c.init_from, plan.model, jax.random.key(c.seed))
   elif c.init_from:
@@ -59,12 +63,20 @@ def trained_params(c: ml_collections.ConfigDict, plan: Plan, splits: data.Splits
                              stage_dir(workdir, "backbone", st["backbone"]), params=p,
                              eval_split=splits.cal)  # a progress signal; test stays unseen
   timings["backbone"] = time.time() - t0
+  say(f"backbone: finished in {timings['backbone']:.1f} s")
   t0 = time.time()
+  say("exit_heads: start")
   p = train.train_exit_heads(plan.model, p, splits.train, plan.exit_heads,
                              stage_dir(workdir, "exit_heads", st["model"]),
-                             level=plan.exit_heads_level)
+                             level=plan.exit_heads_level, eval_split=splits.cal)
   timings["exit_heads"] = time.time() - t0
+  say(f"exit_heads: finished in {timings['exit_heads']:.1f} s")
   return p
+
+
+def say(message: str) -> None:
+  """A progress line, as it happens (it reaches log files: plain print)."""
+  print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def config_splits(c: ml_collections.ConfigDict, plan: Plan) -> data.Splits:
@@ -114,17 +126,26 @@ def accuracy_stage(r: Run) -> None:
   """accuracy.json: test accuracy per exit and level (trains what is not trained yet)."""
   c, model_cfg = r.config, r.stamps["model"]
   acc_path = r.path("accuracy.json")
-  if not made_with(acc_path, "model", model_cfg) or not made_with(acc_path, "ladder", c.ladder):
+  old = read_json(acc_path)  # a damaged one: a notice, and None
+  stamp = (old or {}).get("config")
+  same_model = isinstance(stamp, dict) and stamp.get("model") == model_cfg
+  accuracy = (old or {}).get("test_accuracy")
+  if not same_model or not made_with(acc_path, "ladder", c.ladder, quiet=True) or not accuracy:
+    if old is not None and not same_model:
+      notice(f"{acc_path} was made with another model config; measuring it again")
+    elif old is not None:
+      notice(f"{acc_path} was measured with another ladder; measuring it again")
     accuracy = train.accuracy_table(r.plan.model, r.params(), r.splits.test, r.plan.ladder)
     train_s = dict(r.timings)
-    if made_with(acc_path, "model", model_cfg):  # only the ladder changed: keep the training times
-      with open(acc_path) as f:
-        train_s = json.load(f)["train_s"]
-    write_json(acc_path, {"config": {"model": model_cfg, "ladder": c.ladder},
-                          "test_accuracy": accuracy, "train_s": train_s,
-                          "device": jax.devices()[0].device_kind}, indent=1)
-  with open(acc_path) as f:
-    accuracy = json.load(f)["test_accuracy"]
+    if same_model and "train_s" in old:  # only the ladder changed: keep the training times
+      train_s = old["train_s"]
+    write_sealed(acc_path, {"config": {"model": model_cfg, "ladder": c.ladder},
+                            "test_accuracy": accuracy, "train_s": train_s,
+                            "device": jax.devices()[0].device_kind}, indent=1)
+    accuracy = read_json(acc_path)["test_accuracy"]  # as later runs read it
+  else:
+    say("backbone: skipped (done)")
+    say("exit_heads: skipped (done)")
   exits = r.plan.model.exits
   print(f"\ntest accuracy (%) per exit and level ({r.splits.sizes()['test']} images):")
   print("| level | " + " | ".join(f"exit {e}" for e in exits) + " |")
@@ -141,11 +162,21 @@ def tables_stage(r: Run) -> dict[str, StateTable]:
   for split in ("fit", "cal", "test"):
     path = r.path("tables", split)
     if os.path.exists(os.path.join(path, "meta.json")):
-      t = load_table(path, ladder=r.plan.ladder, family=c.family)
-      if t.meta.get("config") == table_cfg:
-        tables[split] = t
-        continue
+      try:
+        t = load_table(path)  # the stamp below covers the ladder and the family
+      except ValueError as e:  # damaged: named in the message
+        notice(f"{str(e).removeprefix('path: ')}; collecting the {split} table again")
+      else:
+        stamp = t.meta.get("config")
+        if stamp == table_cfg:
+          tables[split] = t
+          continue
+        changed = sorted(k for k in table_cfg if not isinstance(stamp, dict)
+                         or stamp.get(k) != table_cfg[k])
+        notice(f"{path} was collected with another {', '.join(changed) or 'config'};"
+               f" collecting the {split} table again")
     if family is None:
+      say("tables: start")
       costs = cost.backbone_costs(bb, r.params(), r.splits.fit.images[:1], r.plan.ladder,
                                   unit=c.cost_unit)
       family = paths.build_family(c.family, r.plan.ladder, bb.exits, costs)
@@ -156,6 +187,9 @@ def tables_stage(r: Run) -> dict[str, StateTable]:
         meta={"split": split, "config": table_cfg})
     r.timings[f"tables_{split}"] = time.time() - t0
     save_table(tables[split], path)
+    say(f"tables: {split} collected in {r.timings[f'tables_{split}']:.1f} s")
+  if family is None:
+    say("tables: skipped (done)")
   return tables
 
 
@@ -164,7 +198,9 @@ def evaluate_stage(r: Run, tables: dict[str, StateTable]) -> None:
   c, plan, eval_key = r.config, r.plan, r.stamps["eval"]
   results_path = r.path("results.json")
   if made_with(results_path, "eval", eval_key):
+    say("evaluate: skipped (done)")
     return
+  say("evaluate: start")
   if jax.default_backend() != "cpu":  # the predictors predict at their level here
     t, pc = tables["test"], plan.eval.predictor
     summary_dim = 0 if t.summary is None else t.summary.shape[-1]
@@ -183,16 +219,17 @@ def evaluate_stage(r: Run, tables: dict[str, StateTable]) -> None:
   r.timings["evaluate"] = time.time() - t0
   results["config"] = {"eval": eval_key}
   results["device"] = jax.devices()[0].device_kind
-  write_json(results_path, results, indent=1)
+  write_sealed(results_path, results, indent=1)
+  say(f"evaluate: finished in {r.timings['evaluate']:.1f} s")
 
 
 def report_stage(r: Run) -> None:
   """report.md and curves.png from results.json, and the methods table on stdout."""
-  if not os.path.exists(r.path("results.json")):
+  results = read_json(r.path("results.json"))  # a damaged one: a notice, and None
+  if results is None:
+    say("report: skipped (no usable results.json; evaluate first)")
     return
   from quee_jax.protocol import plotting  # matplotlib, only where a figure is drawn
-  with open(r.path("results.json")) as f:
-    results = json.load(f)
   with open(r.path("report.md"), "w") as f:
     f.write(report.markdown(results) + "\n")
   plotting.plot_curves(results, r.path("curves.png"))
@@ -203,13 +240,38 @@ def report_stage(r: Run) -> None:
 def run(c: ml_collections.ConfigDict, workdir: str, stages=STAGES) -> dict[str, float]:
   """Runs the selected stages into workdir; returns the wall time of each stage run.
 
-  The config is saved as workdir/config.json, so tools such as
-  experiments/bench_runtime.py need only the workdir.
+  Holds workdir's lock throughout (ValueError naming the holder if another run has it).
+  The config is saved as workdir/config.json once the config is checked and the data
+  loaded, so tools such as experiments/bench_runtime.py need only the workdir.
   """
   plan = make_plan(c, stages)
-  os.makedirs(workdir, exist_ok=True)
-  write_json(os.path.join(workdir, "config.json"), c.to_dict(), indent=1)
-  r = Run(c, plan, workdir, config_splits(c, plan))
+  workdir = os.path.abspath(workdir)  # orbax takes absolute paths only
+  fresh = not os.path.exists(workdir)
+  with lock(workdir):
+    t0 = time.time()
+    try:
+      splits = config_splits(c, plan)
+    except BaseException:
+      if fresh and os.listdir(workdir) == [LOCK]:  # a failed first run leaves nothing behind
+        shutil.rmtree(workdir, ignore_errors=True)
+      raise
+    write_sealed(os.path.join(workdir, "config.json"), c.to_dict(), indent=1)
+    say(banner(c, plan, splits, workdir) + f" (data loaded in {time.time() - t0:.1f} s)")
+    return _run_stages(Run(c, plan, workdir, splits))
+
+
+def banner(c: ml_collections.ConfigDict, plan: Plan, splits: data.Splits, workdir: str) -> str:
+  """What this run is, in two lines: dataset, split sizes, model, ladder, family, seeds, where."""
+  m = plan.model
+  arch = "bert" if isinstance(m, bert.BertConfig) else f"vit patch {m.patch}"
+  sizes = ", ".join(f"{k} {v}" for k, v in splits.sizes().items())
+  return (f"pipeline: {c.dataset} ({sizes}); {arch} depth {m.depth} width {m.dim};"
+          f" ladder {','.join(plan.ladder)}; family {c.family};"
+          f" seeds {','.join(map(str, plan.eval.seeds))}\n  work directory {workdir}")
+
+
+def _run_stages(r: Run) -> dict[str, float]:
+  plan = r.plan
   if {"backbone", "exit_heads"} & set(plan.stages):
     accuracy_stage(r)
   if {"tables", "evaluate"} & set(plan.stages):

@@ -10,20 +10,44 @@ def _pct(x: float | None) -> str:
   return "—" if x is None else f"{100 * x:.2f}"
 
 
+def _budget_cell(m: dict, budget: str) -> tuple[str, str]:
+  """(cell, its footnote mark: "—", "†" or "") of a method's accuracy at a budget.
+
+  `metrics.accuracy_at` scores a budget below a method's cheapest point as 1/num_classes,
+  which the auc needs but a table would pass off as a measured accuracy: "—" where no seed
+  reaches the budget, a † where only some do (their mean counts the others as 1/num_classes).
+  """
+  costs = [s["min_cost"] for s in m.get("seeds") or [m]]
+  reached = [c <= float(budget) + 1e-12 for c in costs]  # as metrics.accuracy_at compares
+  if not any(reached):
+    return "—", "—"
+  cell = _pct(m["acc_at_budget"][budget])
+  return (cell + " †", "†") if not all(reached) else (cell, "")
+
+
 def methods_table(results: dict) -> str:
-  """One row per method: auc, auc_16, min cost, accuracy at each budget (test, %)."""
+  """One row per method: auc, auc_16, min cost, accuracy at each budget (test, %); a footnote
+  where a method has no point at or below a budget."""
   methods = results["methods"]
   names = [m for m in ORDER if m in methods] + sorted(m for m in methods if m not in ORDER)
   budgets = list(next(iter(methods.values()))["acc_at_budget"])
   head = ("| method | auc | auc_16 | min cost | " + " | ".join(f"acc@{b}" for b in budgets)
           + " | seed spread (auc / auc_16) |")
-  lines = [head, "|" + "---|" * (len(budgets) + 5)]
+  lines, marks = [head, "|" + "---|" * (len(budgets) + 5)], set()
   for name in names:
     m = methods[name]
     spread = (f"{100 * m['auc_spread']:.2f} / {100 * m['auc_16_spread']:.2f}"
               if "auc_spread" in m else "")
+    cells = [_budget_cell(m, b) for b in budgets]
+    marks |= {mark for _, mark in cells}
     lines.append(f"| {name} | {_pct(m['auc'])} | {_pct(m['auc_16'])} | {m['min_cost']:.4f} | "
-                 + " | ".join(_pct(m["acc_at_budget"][b]) for b in budgets) + f" | {spread} |")
+                 + " | ".join(c for c, _ in cells) + f" | {spread} |")
+  notes = {"—": "— : the method has no operating point at or below this budget (its min cost is"
+                " above it).",
+           "†": "† : only some seeds have a point at or below this budget; the mean counts the"
+                " others at chance (1/num_classes), as the auc does."}
+  if marks - {""}:
+    lines.append("\n" + " ".join(notes[k] for k in ("—", "†") if k in marks))
   return "\n".join(lines)
 
 

@@ -1,8 +1,9 @@
 """Saved runs: one (variant, seed) run's results (`SeedRun`) and the cache `evaluate` keeps of them.
 
 Under save_dir, each run's predictors (orbax) go to <variant>/seed_<k> and its results beside
-them as seed_<k>.json; fingerprint.txt names the tables and config they were made with, and a
-save_dir holding runs for anything else is emptied before use (`claim`).
+them as seed_<k>.json (a damaged one is fitted again, with a notice naming it);
+fingerprint.txt names the tables and config they were made with, and a save_dir holding runs
+for anything else is emptied before use (`claim`).
 """
 
 from __future__ import annotations
@@ -111,8 +112,14 @@ def load_run(save_dir: str, variant: str, seed: int) -> SeedRun | None:
   path = predictors_path(save_dir, variant, seed) + ".json"
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return SeedRun.from_json(json.load(f))
+  try:
+    with open(path) as f:
+      return SeedRun.from_json(json.load(f))
+  except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+    # A truncated or overwritten file: the run is fitted again (deterministically) and saved over.
+    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"notice: {path} is damaged ({why}); fitting this run again", flush=True)
+    return None
 
 
 def save_run(save_dir: str, variant: str, seed: int, run: SeedRun, params: dict) -> None:
