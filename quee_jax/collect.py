@@ -28,7 +28,7 @@ from quee_jax.core.backbone import Backbone, Params
 from quee_jax.core.exit_stats import FEATURES, softmax_features, summary_projection
 from quee_jax.core.paths import PathFamily
 from quee_jax.core.table import StateTable
-from quee_jax.train import Progress
+from quee_jax.core.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,21 @@ def _check_family(backbone: Backbone, family: PathFamily) -> None:
     raise ValueError(f"family: built for exits {family.exits}, the backbone has {backbone.exits}")
 
 
+def _checked_labels(inputs, labels, num_classes: int) -> np.ndarray:
+  """labels as an array; ValueError unless they are one int in [0, num_classes) per input."""
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels: expected a 1-D integer array, got {labels.dtype}{list(labels.shape)}")
+  if len(inputs) != len(labels):
+    raise ValueError(f"inputs: {len(inputs)} samples but labels has {len(labels)}")
+  if len(labels) == 0:
+    raise ValueError("inputs: expected at least one sample, got none")
+  if labels.min() < 0 or labels.max() >= num_classes:
+    raise ValueError(f"labels: expected values in [0, {num_classes}),"
+                     f" got [{labels.min()}, {labels.max()}]")
+  return labels
+
+
 def collect_table(backbone: Backbone, params: Params, family: PathFamily,
                   inputs: np.ndarray, labels: np.ndarray, batch_size: int = 128, *,
                   keep_logits: bool = False, devices: list | None = None,
@@ -163,16 +178,7 @@ def collect_table(backbone: Backbone, params: Params, family: PathFamily,
     meta: extra JSON-serializable metadata stored with the table (e.g. dataset).
   """
   _check_family(backbone, family)
-  labels = np.asarray(labels)
-  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f"labels: expected a 1-D integer array, got {labels.dtype}{list(labels.shape)}")
-  if len(inputs) != len(labels):
-    raise ValueError(f"inputs: {len(inputs)} samples but labels has {len(labels)}")
-  if len(labels) == 0:
-    raise ValueError("inputs: expected at least one sample, got none")
-  if labels.min() < 0 or labels.max() >= backbone.num_classes:
-    raise ValueError(f"labels: expected values in [0, {backbone.num_classes}),"
-                     f" got [{labels.min()}, {labels.max()}]")
+  labels = _checked_labels(inputs, labels, backbone.num_classes)
   devices = list(devices) if devices is not None else jax.local_devices()
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")

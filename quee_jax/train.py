@@ -16,10 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
-import shutil
-import sys
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -28,85 +24,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from tqdm.auto import tqdm
 
 from quee_jax import models
-from quee_jax.core import precision
+from quee_jax.core import checkpoints, precision
 from quee_jax.core.backbone import exit_logits, exit_states
 from quee_jax.core.precision import FLOAT, Level
+from quee_jax.core.progress import Progress
 from quee_jax.data import Split
 from quee_jax.models import ModelConfig, vit
 
 Params = Any
 log = logging.getLogger(__name__)
-
-
-# Without a terminal (a log file), a plain progress line this often: every PROGRESS_FRACTION of
-# the steps or every PROGRESS_SECONDS, whichever comes first.
-PROGRESS_FRACTION = 0.1
-PROGRESS_SECONDS = 60.0
-
-
-def _is_terminal(stream) -> bool:
-  try:
-    return stream.isatty()
-  except (AttributeError, ValueError):  # no isatty, or a closed stream
-    return False
-
-
-class Progress:
-  """Progress of a loop of `total` steps, shown where the output goes.
-
-  On a terminal, a tqdm bar (it redraws in place). Elsewhere a bar shows nothing useful — a
-  log file gets no lines from tqdm(disable=None) — so `logger` gets a plain INFO line every
-  PROGRESS_FRACTION of the steps or PROGRESS_SECONDS, and at the end.
-  """
-
-  def __init__(self, total: int, desc: str, *, initial: int = 0, unit: str = "step",
-               enabled: bool = True, terminal: bool | None = None,
-               logger: logging.Logger | None = None):
-    """terminal: None asks whether stderr is one (where tqdm draws)."""
-    self.total, self.desc, self.unit, self.n = total, desc, unit, initial
-    self.logger = logger or log
-    terminal = _is_terminal(sys.stderr) if terminal is None else terminal
-    self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False,
-                    disable=not (enabled and terminal))
-    self.lines = enabled and not terminal
-    self.t0 = self.last_t = time.time()
-    self.start = self.last_n = initial
-    self.postfix: dict[str, str] = {}
-
-  def update(self, n: int = 1, **postfix: str) -> None:
-    """n more steps done; postfix: short name -> value shown beside the count."""
-    self.n += n
-    self.postfix = postfix or self.postfix
-    self.bar.update(n)
-    if postfix:
-      self.bar.set_postfix(postfix)
-    if not self.lines:
-      return
-    now = time.time()
-    every = max(1, int(np.ceil(PROGRESS_FRACTION * self.total)))
-    if self.n >= self.total or self.n - self.last_n >= every or now - self.last_t >= PROGRESS_SECONDS:
-      self._line(now)
-
-  def _line(self, now: float) -> None:
-    done, secs = self.n - self.start, now - self.t0
-    left = f", ~{secs / done * (self.total - self.n):.0f}s left" if 0 < done and self.n < self.total else ""
-    extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
-    pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
-    self.logger.info("%s: %s %d/%d%s, %.0fs%s%s", self.desc, self.unit, self.n, self.total, pct,
-                     secs, left, extra)
-    self.last_n, self.last_t = self.n, now
-
-  def close(self) -> None:
-    self.bar.close()
-
-  def __enter__(self) -> "Progress":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,86 +100,6 @@ def mixup(key: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int
   return lam * images + (1 - lam) * images[::-1], lam * onehot + (1 - lam) * onehot[::-1]
 
 
-def _checkpoint_manager(directory: str, every: int):
-  # Naming the handler lets a fresh process read the metadata of old steps.
-  return ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=every),
-      item_handlers=ocp.StandardCheckpointHandler())
-
-
-def _key_name(path) -> str:
-  # Dict keys, sequence indices and NamedTuple fields (optax states), as orbax names them.
-  parts = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
-  return "/".join(map(str, parts))
-
-
-def check_shapes(restored_shapes: Any, template: Any, what: str) -> None:
-  """Raises ValueError naming the first key whose shape or presence differs."""
-  got = {_key_name(p): tuple(getattr(v, "shape", ())) for p, v in
-         jax.tree_util.tree_flatten_with_path(restored_shapes)[0]}
-  want = {_key_name(p): tuple(np.shape(v)) for p, v in
-          jax.tree_util.tree_flatten_with_path(template)[0]}
-  for key in sorted(set(got) | set(want)):
-    if key not in got:
-      raise ValueError(f"{what}: the checkpoint lacks {key!r} (expected shape {want[key]})")
-    if key not in want:
-      raise ValueError(f"{what}: the checkpoint has {key!r}, which the model does not")
-    if got[key] != want[key]:
-      raise ValueError(f"{what}: {key!r} has shape {got[key]} in the checkpoint,"
-                       f" the model expects {want[key]}")
-
-
-def _restore(manager, state, directory: str):
-  step = manager.latest_step()
-  if step is None:
-    return state, 0
-  # A damaged checkpoint fails one read while tensorstore's other reads still call back into
-  # a closed event loop, each printing a traceback from its own thread (no Python hook sees
-  # them): stderr is held at the descriptor, and dropped when the checkpoint does not restore.
-  sys.stderr.flush()
-  saved, error, hook = os.dup(2), None, sys.unraisablehook
-  sys.unraisablehook = lambda u: None if error is not None else hook(u)  # a test runner's hook
-  with tempfile.TemporaryFile() as held:
-    os.dup2(held.fileno(), 2)
-    try:
-      try:
-        metadata = manager.item_metadata(step)["params"]
-      except Exception as e:  # orbax raises many types for a damaged checkpoint
-        error = e
-      if error is None:
-        # The optimizer state mirrors the params, so checking the params names the culprit.
-        check_shapes(metadata, state["params"], f"checkpoint {directory}")
-        try:
-          restored = manager.restore(step, args=ocp.args.StandardRestore(state))
-        except Exception as e:
-          error = e
-      if error is not None:
-        restored = _start_over(manager, state, directory, error)
-        time.sleep(1.0)  # the pending reads end while their noise is held
-    finally:
-      sys.unraisablehook = hook
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      if error is None:  # what a restore said otherwise
-        held.seek(0)
-        sys.stderr.write(held.read().decode(errors="replace"))
-  return restored, 0 if error is not None else step
-
-
-def _start_over(manager, state, directory: str, error: Exception):
-  """Deletes the damaged checkpoints in directory (keeping other files, e.g. the pipeline's
-  stamp) so that training starts from scratch; returns the fresh state."""
-  why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-  print(f"notice: the checkpoint in {directory} does not restore ({why[:200]});"
-        " training this stage from scratch", flush=True)
-  for name in os.listdir(directory):  # orbax names a step's directory by its number
-    if name.isdigit() or ".orbax-checkpoint-tmp" in name:
-      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-  manager.reload()  # forget the deleted steps
-  return state
-
-
 def fit(loss_fn: Callable[[Params, Params, jax.Array, jax.Array, jax.Array],
                           tuple[jax.Array, jax.Array]],
         trainable: Params, frozen: Params, split: Split, tc: TrainConfig, workdir: str, *,
@@ -273,8 +121,9 @@ def fit(loss_fn: Callable[[Params, Params, jax.Array, jax.Array, jax.Array],
     raise ValueError(f"batch_size: {tc.batch_size} exceeds the {len(split)} samples of {split.name}")
   total = tc.steps(len(split))
   opt = _optimizer(tc, total, steps_per_epoch)
-  manager = _checkpoint_manager(workdir, tc.checkpoint_every)
-  state, start = _restore(manager, {"params": trainable, "opt_state": opt.init(trainable)}, workdir)
+  manager = checkpoints.manager(workdir, tc.checkpoint_every)
+  state, start = checkpoints.restore(
+      manager, {"params": trainable, "opt_state": opt.init(trainable)}, workdir)
   if start:
     log.info("%s: resuming at step %d of %d from %s", desc, start, total, workdir)
 
@@ -293,7 +142,7 @@ def fit(loss_fn: Callable[[Params, Params, jax.Array, jax.Array, jax.Array],
                           num_steps=total - start, augment=tc.augment)
   sums, count, t0 = {}, 0, time.time()
   # A bar on terminals; periodic lines in log files; and the per-epoch lines in both.
-  with Progress(total, desc, initial=start) as bar:
+  with Progress(total, desc, logger=log, initial=start) as bar:
     for step, batch in enumerate(batches, start=start + 1):
       state, metrics = train_step(state, batch.images, batch.labels, step)
       manager.save(step, args=ocp.args.StandardSave(state), force=step == total)

@@ -1,3 +1,4 @@
+import logging
 import os
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import pytest
 
 import quee_jax as q
 from quee_jax import data, train
+from quee_jax.core import progress
+from quee_jax.core.progress import Progress
 
 SMALL = q.vit.ViTConfig(image_size=28, channels=1, patch=7, dim=16, depth=2, heads=2,
                         mlp_dim=32, num_classes=10)
@@ -102,8 +105,9 @@ def test_exit_heads_train_on_a_frozen_backbone(tmp_path, trained, splits, caplog
 
 def test_progress_without_a_terminal_logs_plain_lines(caplog, monkeypatch):
   """A log file gets a line every ~10% of the steps (or minute) and one at the end."""
+  log = logging.getLogger("quee_jax.train")
   with caplog.at_level("INFO", logger="quee_jax.train"):
-    with train.Progress(40, "demo", terminal=False) as bar:
+    with Progress(40, "demo", logger=log, terminal=False) as bar:
       for _ in range(40):
         bar.update(1, loss="0.5")
   lines = [r.getMessage() for r in caplog.records]
@@ -112,10 +116,10 @@ def test_progress_without_a_terminal_logs_plain_lines(caplog, monkeypatch):
   caplog.clear()
   with caplog.at_level("INFO", logger="quee_jax.train"):
     for kw in ({"terminal": True}, {"terminal": False, "enabled": False}):
-      with train.Progress(5, "quiet", **kw) as bar:  # a bar, or nothing: no lines
+      with Progress(5, "quiet", logger=log, **kw) as bar:  # a bar, or nothing: no lines
         bar.update(5)
-    monkeypatch.setattr(train, "PROGRESS_SECONDS", 0.0)  # time's up at every step
-    with train.Progress(1000, "slow", initial=10, terminal=False) as bar:
+    monkeypatch.setattr(progress, "PROGRESS_SECONDS", 0.0)  # time's up at every step
+    with Progress(1000, "slow", logger=log, initial=10, terminal=False) as bar:
       bar.update(1)
   assert [r.getMessage()[:19] for r in caplog.records] == ["slow: step 11/1000 "]
 
