@@ -83,7 +83,8 @@ def _check_dir(path: str) -> None:
       raise ValueError(f"path: {path!r} holds no state table (missing {name})")
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+  """The SHA-256 of a file's content (hex): the checksum saved outputs are sealed with."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -109,7 +110,7 @@ def save_table(table: StateTable, path: str) -> None:
     with os.fdopen(fd, "wb") as f:
       write(f)
     if name == "arrays.npz":  # meta.json, written last, vouches for the arrays
-      meta["arrays_sha256"] = _sha256(tmp)
+      meta["arrays_sha256"] = file_sha256(tmp)
     os.replace(tmp, os.path.join(path, name))
 
 
@@ -147,7 +148,7 @@ def load_table(path: str, *, ladder: list[str] | tuple[str, ...] | None = None,
   if family is not None and family != spec["name"]:
     raise ValueError(f"family: the table at {path!r} was collected with family"
                      f" {spec['name']!r}, not {family!r}")
-  if "arrays_sha256" in meta and _sha256(arrays_path) != meta["arrays_sha256"]:
+  if "arrays_sha256" in meta and file_sha256(arrays_path) != meta["arrays_sha256"]:
     raise ValueError(f"path: {arrays_path} is damaged (its content differs from the checksum"
                      " in meta.json)")
   try:

@@ -16,7 +16,6 @@ import contextlib
 import datetime
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -43,14 +42,6 @@ def notice(message: str) -> None:
   print(f"notice: {message}", flush=True)
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def write_sealed(path: str, obj, indent: int | None = None) -> None:
   """write_json, then the content's checksum beside it (path + '.sha256').
 
@@ -62,7 +53,7 @@ def write_sealed(path: str, obj, indent: int | None = None) -> None:
     os.remove(seal)
   write_json(path, obj, indent=indent)
   with open(seal + ".tmp", "w") as f:
-    f.write(_sha256(path))
+    f.write(table.file_sha256(path))
   os.replace(seal + ".tmp", seal)
 
 
@@ -75,7 +66,7 @@ def read_json(path: str, *, quiet: bool = False) -> dict | None:
   try:
     if os.path.exists(seal):
       with open(seal) as f:
-        if f.read().strip() != _sha256(path):
+        if f.read().strip() != table.file_sha256(path):
           why = "its content differs from its checksum"
     if why is None:
       with open(path) as f:
@@ -150,12 +141,7 @@ def lock(workdir: str):
   except OSError as e:
     raise ValueError(f"workdir: cannot create the lock file {path!r} ({e.strerror})") from None
   try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-        raise
-      raise _in_use(workdir, _holder(path)) from None
+    _flock(fd, fcntl.LOCK_EX, workdir, path)
     old = _holder(path)
     if old:  # a holder unlocks by emptying the file: this one died holding it
       notice(f"{path} was left by pid {old.get('pid', '?')} on host {old.get('host', '?')}"
@@ -173,6 +159,16 @@ def lock(workdir: str):
     os.close(fd)  # closing drops the flock
 
 
+def _flock(fd: int, mode: int, workdir: str, path: str) -> None:
+  """Takes the lock in `mode` without waiting; ValueError naming the holder if a run has it."""
+  try:
+    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+  except OSError as e:
+    if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+      raise
+    raise _in_use(workdir, _holder(path)) from None
+
+
 def check_unlocked(workdir: str) -> None:
   """ValueError naming the holder if a run holds workdir's lock (a reader must not read a
   directory being written)."""
@@ -181,12 +177,7 @@ def check_unlocked(workdir: str) -> None:
     return
   fd = os.open(path, os.O_RDONLY)
   try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as e:
-      if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-        raise
-      raise _in_use(workdir, _holder(path)) from None
+    _flock(fd, fcntl.LOCK_SH, workdir, path)
   finally:
     os.close(fd)
 
