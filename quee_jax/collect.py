@@ -27,8 +27,8 @@ from jax.sharding import PartitionSpec as P
 from quee_jax.core.backbone import Backbone, Params
 from quee_jax.core.exit_stats import FEATURES, softmax_features, summary_projection
 from quee_jax.core.paths import PathFamily
-from quee_jax.core.table import StateTable
 from quee_jax.core.progress import Progress
+from quee_jax.core.table import StateTable
 
 log = logging.getLogger(__name__)
 

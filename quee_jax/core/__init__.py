@@ -10,5 +10,4 @@
   progress     progress of a long loop on a terminal or in a log file
 """
 
-from quee_jax.core import (backbone, checkpoints, cost, exit_stats, paths, precision, progress,
-                           table)
+from quee_jax.core import backbone, checkpoints, cost, exit_stats, paths, precision, progress, table

@@ -21,6 +21,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from quee_jax.core.progress import first_line, notice
+
 
 def manager(directory: str, every: int) -> ocp.CheckpointManager:
   """The checkpoints in `directory` (absolute), saved every `every` steps, the last 2 kept."""
@@ -103,9 +105,8 @@ def _start_over(mgr: ocp.CheckpointManager, state: Any, directory: str, error: E
   """Deletes the damaged steps in directory (keeping other files, e.g. the pipeline's stamp)
   so that training starts from scratch; returns the fresh state."""
   drop[0] = True
-  why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-  print(f"notice: the checkpoint in {directory} does not restore ({why[:200]});"
-        " training this stage from scratch", flush=True)
+  notice(f"the checkpoint in {directory} does not restore ({first_line(error)[:200]});"
+         " training this stage from scratch")
   for name in os.listdir(directory):  # orbax names a step's directory by its number
     if name.isdigit() or ".orbax-checkpoint-tmp" in name:
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)

@@ -1,4 +1,7 @@
-"""Progress of a long loop, shown where the output goes: a terminal or a log file.
+"""What a person reads while a run goes: progress of a long loop, and notices.
+
+`notice` prints the one line that says a file was damaged or stale and what is
+done about it (`first_line` gives the reason out of an exception).
 
 tqdm(disable=None) draws nothing when stderr is not a terminal, so a run whose
 output goes to a file showed no progress at all; `Progress` draws the bar on a
@@ -80,3 +83,14 @@ class Progress:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def notice(message: str) -> None:
+  """One line a person reads: a damaged or stale file and what is done about it."""
+  print(f"notice: {message}", flush=True)
+
+
+def first_line(error: Exception) -> str:
+  """The first line of an exception's message (its type's name if it has none)."""
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__

@@ -19,6 +19,7 @@ import numpy as np
 from quee_jax.core import paths
 from quee_jax.core.exit_stats import FEATURES
 from quee_jax.core.paths import PathFamily
+from quee_jax.core.progress import first_line
 
 FORMAT_VERSION = 1
 _FAMILY_ARRAYS = ("gate", "parent", "level", "history", "cost", "cand_state", "cand_cost")
@@ -114,11 +115,6 @@ def save_table(table: StateTable, path: str) -> None:
     os.replace(tmp, os.path.join(path, name))
 
 
-def _first_line(e: Exception) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__
-
-
 def load_table(path: str, *, ladder: list[str] | tuple[str, ...] | None = None,
                family: str | None = None) -> StateTable:
   """Reads a table saved by `save_table`.
@@ -137,7 +133,7 @@ def load_table(path: str, *, ladder: list[str] | tuple[str, ...] | None = None,
         or not {"backbone", "meta"} <= set(meta) or not {"ladder", "name"} <= set(meta["family"])):
       raise ValueError("not a table's meta.json")
   except (OSError, UnicodeDecodeError, ValueError) as e:
-    raise ValueError(f"path: {meta_path} is damaged ({_first_line(e)})") from None
+    raise ValueError(f"path: {meta_path} is damaged ({first_line(e)})") from None
   if meta.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"path: table format {meta.get('format_version')} at {path!r},"
                      f" this version reads {FORMAT_VERSION}")
@@ -154,7 +150,7 @@ def load_table(path: str, *, ladder: list[str] | tuple[str, ...] | None = None,
   try:
     fam = paths.from_spec(spec)
   except Exception as e:  # a spec that parses but says nothing sensible
-    raise ValueError(f"path: {meta_path} is damaged ({_first_line(e)})") from None
+    raise ValueError(f"path: {meta_path} is damaged ({first_line(e)})") from None
   try:
     with np.load(arrays_path) as z:
       arrays = {k: z[k] for k in z.files}
@@ -163,7 +159,7 @@ def load_table(path: str, *, ladder: list[str] | tuple[str, ...] | None = None,
     if missing:
       raise ValueError(f"no {missing[0]!r}")
   except Exception as e:  # zipfile, zlib and numpy raise many types for a damaged file
-    raise ValueError(f"path: {arrays_path} is damaged ({_first_line(e)})") from None
+    raise ValueError(f"path: {arrays_path} is damaged ({first_line(e)})") from None
   for k in _FAMILY_ARRAYS:
     if not np.array_equal(arrays[f"family/{k}"], getattr(fam, k)):
       raise ValueError(f"path: the table at {path!r} disagrees with its family spec on {k!r}"

@@ -25,6 +25,7 @@ import ml_collections
 
 from quee_jax import protocol
 from quee_jax.core import table
+from quee_jax.core.progress import first_line, notice
 from quee_jax.pipeline.plan import Plan, make_plan
 from quee_jax.protocol.storage import write_json
 
@@ -35,11 +36,6 @@ def _plain(value):
 
 
 LOCK = ".lock"
-
-
-def notice(message: str) -> None:
-  """One line a person reads: a damaged or stale file and what is done about it."""
-  print(f"notice: {message}", flush=True)
 
 
 def write_sealed(path: str, obj, indent: int | None = None) -> None:
@@ -74,7 +70,7 @@ def read_json(path: str, *, quiet: bool = False) -> dict | None:
       if not isinstance(obj, dict):
         why = "not a JSON object"
   except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
-    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    why = first_line(e)
   if why is None:
     return obj
   if not quiet:

@@ -16,6 +16,7 @@ import shutil
 
 import numpy as np
 
+from quee_jax.core.progress import first_line, notice
 from quee_jax.core.table import StateTable
 from quee_jax.gating import predictor
 from quee_jax.protocol.choice import BudgetEntry
@@ -117,8 +118,7 @@ def load_run(save_dir: str, variant: str, seed: int) -> SeedRun | None:
       return SeedRun.from_json(json.load(f))
   except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
     # A truncated or overwritten file: the run is fitted again (deterministically) and saved over.
-    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(f"notice: {path} is damaged ({why}); fitting this run again", flush=True)
+    notice(f"{path} is damaged ({first_line(e)}); fitting this run again")
     return None
 
 
