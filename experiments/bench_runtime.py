@@ -5,32 +5,40 @@ r"""The adaptive runtime against the full model, side by side, on one device.
 Takes a work directory finished by experiments.run (its config.json, trained
 backbone and exit heads, state tables and saved predictors). On the test split
 it times, after warm-up, as the median of several repetitions:
-  * the full model: every block at the top level, last exit, batched, jitted;
-  * the runtime (`quee_jax.runtime.runner.Runner`) at several λ, under two cost
-    models: counted BOPs (the evaluation's) and latency (the runner's own
-    programs timed here first, `runtime.latency_costs`). The operating points
-    (λ and start level) are: λ = 0; the half point, the cheapest whose cal
-    accuracy is within 0.5 point of the full model's (`--max_drop`) with
-    confidence: the paired per-sample cal difference's mean minus z standard
-    errors (`--half_point_z`, default the config's `eval.fallback_z`, as budget
-    mode's fallback) is at least -0.5 point, and beside it the same rule on the
-    mean alone (z = 0), which a small cal split fools (`protocol.half_point`);
-    budget mode's for `--budgets` (BOPs; `protocol.budget_point`); with
-    `--test_chosen`, also the latency operating points most accurate on the test
-    split within each given cost (`protocol.test_chosen`): what a perfect choice
-    would reach (an upper bound, not a result).
-For each it prints images/s, the ratio to the full model, test accuracy,
-counted cost, and how many samples' exit, level history and prediction differ
-from the simulated policy on the test state table (`policy.simulate`); more
-than 2% in any row exits with an error after the report. On an accelerator it
-first compares every level there with the host CPU (`quee_jax.runtime.device_check`).
+  * the full model: every block at the top level, last exit, batched, jitted, at
+    its fastest batch size among the runtime's lane sizes (`--max_batch` and its
+    halves down to an eighth);
+  * the runtime (`quee_jax.runtime.Runner`, every gate on the device) for each
+    policy the protocol compares, at operating points chosen on cal:
+      - QuEE under two cost models: counted BOPs (the evaluation's) and latency
+        (the runtime's own chunk bodies timed here first, `runtime.latency_costs`):
+        λ = 0; the half point, the cheapest point whose cal accuracy is within
+        0.5 point of the full model's (`--max_drop`) with confidence: the paired
+        per-sample cal difference's mean minus z standard errors (`--half_point_z`,
+        default the config's `eval.fallback_z`) is at least -0.5 point, and the same
+        rule on the mean alone (z = 0), which a small cal split fools
+        (`protocol.half_point`); budget mode's point for each of `--budgets`;
+        with `--test_chosen`, the latency points most accurate on the TEST split
+        within each given cost (`protocol.test_chosen`): an upper bound, never a result;
+      - the naive combination (confidence thresholds per exit at one level, the
+        baseline QuEE has to beat): its half point by the same rule over every
+        configuration of every level, and its budget-mode mix for each budget;
+      - every static level at full depth;
+  * with `--host` (default), the host-driven runner (`runtime.HostRunner`, back to
+    the host at every gate) at QuEE's points, for comparison.
+For each it prints images/s, the ratio to the full model, the device runtime's
+ratio to the host runner, test accuracy, counted BOPs, padding (rows computed
+beyond the rows needed), and how many samples' exit state or prediction differ
+from the simulated policy on the test state table; more than 2% in any row
+exits with an error after the report. On an accelerator it first compares
+every level there with the host CPU (`quee_jax.runtime.device_check`).
 
-The last line is a JSON object: device, full_img_per_s, speedup_at_half_point
-(the confident half point of the better cost model, named in cost_model),
-accuracy_drop (test accuracy lost there), half_point_z, plus every timed row
-and the block timings per level (block_us_per_sample) with their spread
-(block_us_spread: half the interquartile range of the interleaved pairs,
-`runtime.latency_model`).
+The last line is a JSON object: device, full_inputs_per_s, full_batch,
+speedup_at_half_point (the confident QuEE half point of the faster cost model,
+named in cost_model), device_runtime_speedup (the same),
+host_runtime_speedup (the host runner there), accuracy_drop, half_point_z,
+compile_s (every program the runtime compiled), padding, every timed row, and
+the block timings per level (block_us_per_sample) with their spread.
 """
 
 from __future__ import annotations
@@ -50,30 +58,61 @@ from absl import app, flags, logging
 from quee_jax import models, pipeline, protocol, runtime
 from quee_jax.collect import padded_batches
 from quee_jax.core import precision
+from quee_jax.protocol import baselines
 from quee_jax.runtime import device_check
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A work directory finished by experiments.run.")
-flags.DEFINE_string("variant", "quee", f"Which saved predictors, of {list(protocol.VARIANTS)}.")
-flags.DEFINE_integer("seed", None, "Which seed's predictors (default: the config's first).")
-flags.DEFINE_integer("max_batch", 1024, "Samples per lane (the full model's batch too).")
-flags.DEFINE_integer("lanes_per_device", None, "The runner's lanes in flight per device"
-                     " (default: 2 on accelerators, 1 on CPUs).")
-flags.DEFINE_integer("reps", 5, "Timed repetitions (median reported).")
-flags.DEFINE_float("max_drop", 0.005, "Accuracy the half point may lose on cal (0.005 = 0.5 point).")
-flags.DEFINE_float("half_point_z", None, "Standard errors of the paired cal difference the half"
-                   " point's accuracy must clear the drop by (default: the config's"
-                   " eval.fallback_z); a 'mean only' half point (z = 0) is timed beside it.")
-flags.DEFINE_list("budgets", ["0.5", "0.25"], "Budget-mode budgets to time (fractions of BOPs).")
-flags.DEFINE_list("test_chosen", [], "Also time, under the latency cost model, the operating point"
-                  " most accurate on TEST among those whose counted test cost is at most each of"
-                  " these: an upper bound on what any rule choosing on cal reaches (a diagnostic,"
-                  " never a result).")
+def define_flags() -> None:
+  """The command line's flags (defined only when run as a script: importers define their own)."""
+  flags.DEFINE_string("workdir", None, "A work directory finished by experiments.run.")
+  flags.DEFINE_string("variant", "quee", f"Which saved predictors, of {list(protocol.VARIANTS)}.")
+  flags.DEFINE_integer("seed", None, "Which seed's predictors (default: the config's first).")
+  flags.DEFINE_integer("max_batch", 1024, "Samples per lane (the largest full-model batch too).")
+  flags.DEFINE_integer("min_chunk", 16, "The runtime's smallest chunk (its padding per level"
+                       " group and gate is below it; `runtime.Runner`).")
+  flags.DEFINE_integer("reps", 5, "Timed repetitions (median reported).")
+  flags.DEFINE_float("max_drop", 0.005, "Accuracy the half point may lose on cal (0.005 = 0.5 point).")
+  flags.DEFINE_float("half_point_z", None, "Standard errors of the paired cal difference the half"
+                     " point's accuracy must clear the drop by (default: the config's"
+                     " eval.fallback_z); a 'mean only' half point (z = 0) is timed beside it.")
+  flags.DEFINE_list("budgets", ["0.5", "0.25"], "Budget-mode budgets to time (fractions of BOPs).")
+  flags.DEFINE_list("test_chosen", [], "Also time, under the latency cost model, the operating point"
+                    " most accurate on TEST among those whose counted test cost is at most each of"
+                    " these: an upper bound on what any rule choosing on cal reaches (a diagnostic,"
+                    " never a result).")
+  flags.DEFINE_bool("host", True, "Also time the host-driven runner at QuEE's points.")
+  flags.DEFINE_bool("latency", True, "Also measure the latency cost model and time QuEE under it.")
+  flags.DEFINE_integer("tile", 1, "Time on the test split repeated this many times (accuracy and"
+                       " mismatches are counted once): enough inputs for large batches.")
 
 
 # The share of test samples on which the runner may differ from the simulation before the
 # bench calls its run wrong.
 MAX_MISMATCH = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What to time (the flags of the same names)."""
+
+  variant: str = "quee"
+  seed: int | None = None
+  max_batch: int = 1024
+  min_chunk: int = 16
+  reps: int = 5
+  max_drop: float = 0.005
+  half_point_z: float | None = None
+  budgets: tuple[float, ...] = (0.5, 0.25)
+  test_chosen: tuple[float, ...] = ()
+  host: bool = True
+  latency: bool = True
+  tile: int = 1
+
+  def __post_init__(self):
+    for name in ("max_batch", "min_chunk", "reps", "tile"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"--{name}: expected a positive integer, got {v!r}")
 
 
 def load_workdir(workdir: str):
@@ -84,7 +123,7 @@ def load_workdir(workdir: str):
   return c, plan, splits, params, tables
 
 
-def _costs(flag: str, values) -> list[float]:
+def costs_flag(flag: str, values) -> tuple[float, ...]:
   """The numbers of a list flag, each a cost in (0, 1]; ValueError naming the flag otherwise."""
   try:
     out = [float(v) for v in values]
@@ -92,7 +131,7 @@ def _costs(flag: str, values) -> list[float]:
     out = None
   if out is None or not all(0 < v <= 1 for v in out):
     raise ValueError(f"--{flag}: expected costs in (0, 1], got {list(values)}")
-  return out
+  return tuple(out)
 
 
 def full_model_fn(backbone, params, level):
@@ -107,6 +146,7 @@ def full_model_fn(backbone, params, level):
 
 
 def classify_full(fn, images, labels, batch):
+  """Every batch dispatched, one transfer back at the end (as the runtime does)."""
   out = [fn(x)[:valid] for x, _, valid in padded_batches(images, labels, batch)]  # one shape
   return np.asarray(jnp.concatenate(out))
 
@@ -122,62 +162,64 @@ def median_seconds(fn, reps):
   return max(float(np.median(times)), time.get_clock_info("perf_counter").resolution)
 
 
-def simulated(fitted, test, lam: np.ndarray, start: np.ndarray):
-  """Exit states and predictions of the simulated policy on test for per-sample λ and start."""
-  pairs, row = np.unique(np.stack([lam, start.astype(np.float64)], axis=1), axis=0,
-                         return_inverse=True)
-  res = fitted.simulate(test, "test", pairs[:, 0], pairs[:, 1].astype(np.int64))
-  cols = np.arange(test.num_samples)
-  row = row.reshape(-1)
-  return res.exit_state[row, cols], res.pred[row, cols]
-
-
-def _options(plan) -> tuple[list[float], list[float], float]:
-  """(budgets, test-chosen caps, half point z) from the flags; ValueError naming the flag."""
-  budgets, caps = _costs("budgets", FLAGS.budgets), _costs("test_chosen", FLAGS.test_chosen)
-  z = plan.eval.fallback_z if FLAGS.half_point_z is None else FLAGS.half_point_z
-  if not (np.isfinite(z) and z >= 0):
-    raise ValueError(f"--half_point_z: expected a finite number >= 0, got {z}")
-  return budgets, caps, z
-
-
-def time_full_model(bb, params, level: str, test_x, test_y) -> tuple[float, float]:
-  """(test accuracy, median seconds over the test split) of the full model; prints them."""
+def time_full_model(bb, params, level: str, test_x, test_y, time_x, opts: Options
+                    ) -> tuple[float, float, int]:
+  """(test accuracy, median seconds per input of time_x, batch) of the full model at its
+  fastest batch among max_batch and its halves down to an eighth; prints them."""
   full = full_model_fn(bb, params, level)
-  full_acc = float((classify_full(full, test_x, test_y, FLAGS.max_batch) == test_y).mean())
-  full_s = median_seconds(lambda: classify_full(full, test_x, test_y, FLAGS.max_batch), FLAGS.reps)
-  print(f"full model ({level}, {bb.num_blocks} blocks): {len(test_y) / full_s:.0f} img/s,"
-        f" test accuracy {100 * full_acc:.2f}%")
-  return full_acc, full_s
+  time_y = np.zeros(len(time_x), np.int32)
+  per_input = lambda b, reps: median_seconds(
+      lambda: classify_full(full, time_x, time_y, b), reps) / len(time_x)
+  quick = {b: per_input(b, 1) for b in sorted({max(1, opts.max_batch >> k) for k in range(4)})}
+  batch = min(quick, key=quick.get)
+  acc = float((classify_full(full, test_x, test_y, batch) == test_y).mean())
+  secs = per_input(batch, opts.reps)
+  print(f"full model ({level}, {bb.num_blocks} blocks): {1 / secs:.0f} inputs/s at batch"
+        f" {batch} (fastest of " + ", ".join(f"{b}: {1 / s:.0f}" for b, s in quick.items())
+        + f"), test accuracy {100 * acc:.2f}%")
+  return acc, secs, batch
 
 
-def build_runners(bb, params, fitted, plan, test_x) -> tuple[dict, dict, dict[str, dict]]:
-  """Per cost model ("bops", "latency"): the runner and the fitted policy deciding with its
-  costs; and the block time per sample of each level and its spread (us). On an accelerator, first checks
-  that every level and the predictors compute there what they do on the host."""
+def build_runners(bb, params, fitted, plan, test_x, opts: Options
+                  ) -> tuple[dict, dict, dict, dict[str, dict]]:
+  """Per cost model ("bops", and "latency" if asked): the device runtime, the host runner (or
+  None) and the fitted policy deciding with its costs; and the block time per sample of each
+  level and its spread (us). On an accelerator, first checks that every level and the
+  predictors compute there what they do on the host."""
   fam = fitted.family
   gating = runtime.gating_from_fitted(fitted, plan.eval.predictor.level)
   if jax.default_backend() != "cpu":  # timing programs that compute wrong numbers is pointless
-    try:
-      print(device_check.summary(device_check.check_device(bb, params, plan.ladder, test_x) + [
-          device_check.check_predictor(gating.predictor_level, fam.num_gates, gating.num_features,
-                                       np.shape(gating.predictor["w1"])[-1], len(fam.candidates))]))
-    except device_check.DeviceMismatch as e:
-      sys.exit(f"error: {e}")
+    print(device_check.summary(device_check.check_device(bb, params, plan.ladder, test_x) + [
+        device_check.check_predictor(gating.predictor_level, fam.num_gates, gating.num_features,
+                                     np.shape(gating.predictor["w1"])[-1], len(fam.candidates))]))
   runner = runtime.Runner(bb, params, gating, input_shape=test_x.shape[1:],
-                          input_dtype=test_x.dtype, max_batch=FLAGS.max_batch,
-                          lanes_per_device=FLAGS.lanes_per_device)
-  t0 = time.time()
-  model = runtime.latency_model(runner, reps=FLAGS.reps)
+                          input_dtype=test_x.dtype, max_batch=opts.max_batch,
+                          min_chunk=opts.min_chunk)
+  runners, timings = {"bops": runner}, {}
+  if opts.latency:
+    t0 = time.time()
+    model = runtime.latency_model(runner, reps=opts.reps)
+    print(f"latency cost model measured in {time.time() - t0:.0f} s ({model.pairs} interleaved"
+          " pairs per chunk body, median)")
+    timings = block_timings(fam, model)
+    runners["latency"] = runner.with_costs(model.costs)
+  hosts = {k: None for k in runners}
+  if opts.host:
+    host = runtime.HostRunner(bb, params, gating, input_shape=test_x.shape[1:],
+                              input_dtype=test_x.dtype, max_batch=opts.max_batch)
+    hosts = {k: host if k == "bops" else host.with_costs(r.gating.family.costs)
+             for k, r in runners.items()}
+  fits = {k: dataclasses.replace(fitted, family=r.family) for k, r in runners.items()}
+  return runners, hosts, fits, timings
+
+
+def block_timings(fam, model: runtime.LatencyModel) -> dict[str, dict]:
+  """Each level's block time per sample and its spread (us), printed and returned."""
   lat = model.costs
-  print(f"latency cost model measured in {time.time() - t0:.0f} s ({model.pairs} interleaved"
-        " pairs per program, median)")
   names, top = list(fam.ladder), fam.ladder[fam.top]
   us = lambda a: 1e6 * lat.full_model * a  # normalized costs back to microseconds per sample
   block_us = {n: float(us(lat.blocks[:, q].mean())) for q, n in enumerate(names)}
   spread_us = {n: float(us(model.spread[:, q].mean())) for q, n in enumerate(names)}
-  # Block times are floored above 0 by the model (runtime.latency.MIN_BLOCK_FRACTION), so the
-  # ratio is defined; the guard stays for a model that ever says otherwise.
   ratio = lambda v: f"{v / block_us[top]:.2f}x" if block_us[top] > 0 else "n/a"
   print("block time per sample (us, ± half the interquartile range of the pairs): "
         + ", ".join(f"{n} {v:.3g} ± {spread_us[n]:.2g}" for n, v in block_us.items())
@@ -185,101 +227,211 @@ def build_runners(bb, params, fitted, plan, test_x) -> tuple[dict, dict, dict[st
   if model.floored.any():
     print(f"  {int(model.floored.sum())} of {model.floored.size} (block, level) times measured"
           f" below the floor ({100 * runtime.latency.MIN_BLOCK_FRACTION:g}% of their gate's"
-          " program without blocks) and were charged it: too noisy to resolve here")
-  runners = {"bops": runner, "latency": runner.with_costs(lat)}
-  fits = {"bops": fitted, "latency": dataclasses.replace(fitted, family=runners["latency"].family)}
-  return runners, fits, {"block_us_per_sample": block_us, "block_us_spread": spread_us}
+          " chunk without blocks) and were charged it: too noisy to resolve here")
+  return {"block_us_per_sample": block_us, "block_us_spread": spread_us}
 
 
 class Case(NamedTuple):
-  """One operating point to time: its cost model, label and per-sample λ and start level."""
+  """One operating point to time: its policy, cost model and label; per test sample, its
+  inputs (QuEE: λ and start level; naive and static: level and thresholds) and the exit
+  state the simulation on the test table gives it."""
 
-  cost_model: str
-  label: str
-  lam: np.ndarray
-  start: np.ndarray
+  policy: str      # "quee", "naive" or "static"
+  cost_model: str  # "bops" or "latency" (the cost model QuEE decides with)
+  point: str       # which operating point: "λ=0", "half point", "budget 0.5", a level, ...
+  label: str       # the point with its parameters
+  lam: np.ndarray | None
+  level: np.ndarray              # [N] start level (QuEE) or the level (naive, static)
+  thresholds: np.ndarray | None  # [N, G - 1] (naive); None: QuEE, or no early exit (static)
+  sim_state: np.ndarray          # [N] the simulated exit state on the test table
 
 
-def operating_points(fits: dict, tables: dict, cfg: protocol.EvalConfig, z: float,
-                     budgets: list[float], caps: list[float]) -> list[Case]:
+def simulated(fitted, test, lam: np.ndarray, start: np.ndarray) -> np.ndarray:
+  """Exit states of the simulated QuEE policy on test for per-sample λ and start."""
+  pairs, row = np.unique(np.stack([lam, start.astype(np.float64)], axis=1), axis=0,
+                         return_inverse=True)
+  res = fitted.simulate(test, "test", pairs[:, 0], pairs[:, 1].astype(np.int64))
+  return res.exit_state[row.reshape(-1), np.arange(test.num_samples)]
+
+
+def quee_cases(fits: dict, tables: dict, cfg: protocol.EvalConfig, z: float, opts: Options,
+               rng: np.random.Generator) -> list[Case]:
   """λ = 0 (BOPs); per cost model the half point (confidence z) and the mean-only one (z = 0);
   budget mode's points (BOPs); the test-chosen points under each cap (latency)."""
   fam = fits["bops"].family
   top, n = fam.top, tables["test"].num_samples
-  rng = np.random.default_rng(0)  # budget mode's per-sample coin
   cases = []
   cal_full = tables["cal"].restrict(fam).correct[fam.chain(top)[-1]]
+
+  def case(name, point, detail, lam, start):
+    lam, start = np.broadcast_to(lam, n).astype(np.float64), np.broadcast_to(start, n)
+    sim = simulated(fits[name], tables["test"], lam, start)
+    return Case("quee", name, point, f"{point} {detail}".strip(), lam, start, None, sim)
+
   for name, f in fits.items():
     cal_sweep = f.sweep(tables["cal"], "cal", cfg.num_lambdas)
     if name == "bops":
-      cases.append(Case(name, "λ=0", np.zeros(n), np.full(n, top)))
+      cases.append(case(name, "λ=0", "", 0.0, top))
     for label, zz in (("half point", z), ("mean-only half point", 0.0)):
-      lam, start = protocol.half_point(cal_sweep, cal_full, FLAGS.max_drop, zz)
-      cases.append(Case(name, f"{label} λ={lam:.3g}", np.full(n, lam), np.full(n, start)))
+      lam, start = protocol.half_point(cal_sweep, cal_full, opts.max_drop, zz)
+      cases.append(case(name, label, f"λ={lam:.3g}", lam, start))
     if name == "bops":
-      for b in budgets:
+      for b in opts.budgets:
         point = protocol.budget_point(f, tables["cal"], b)
         coin = rng.random(n) < point.mix.p_rich
-        cases.append(Case(name, f"budget {b:g}", np.where(coin, point.mix.lam_rich, point.mix.lam),
-                          np.full(n, point.start)))
-    if name == "latency" and caps:
+        cases.append(case(name, f"budget {b:g}", "",
+                          np.where(coin, point.mix.lam_rich, point.mix.lam), point.start))
+    if name == "latency" and opts.test_chosen:
       test_sweep = f.sweep(tables["test"], "test", cfg.num_lambdas)  # one for every cap
-      for cap in caps:
+      for cap in opts.test_chosen:
         lam, start = protocol.test_chosen(test_sweep, cap)
-        cases.append(Case(name, f"test-chosen cost<={cap:g} λ={lam:.3g}", np.full(n, lam),
-                          np.full(n, start)))
+        cases.append(case(name, f"test-chosen cost<={cap:g}", f"λ={lam:.3g}", lam, start))
   return cases
 
 
-def time_cases(cases: list[Case], runners: dict, fits: dict, test, test_x, test_y,
-               full_acc: float, full_s: float) -> list[dict]:
-  """Times each case on its cost model's runner against the simulated policy; prints the table."""
-  fam = fits["bops"].family
+def baseline_cases(fam, tables: dict, z: float, opts: Options, rng: np.random.Generator
+                   ) -> list[Case]:
+  """The naive combination's half point (every confidence configuration of every level, the
+  same rule as QuEE's) and budget-mode mixes; every static level. Costs without predictors."""
+  plain = fam.with_gate_overhead(np.zeros(fam.num_gates))
+  t = {k: v.restrict(plain) for k, v in tables.items()}
+  n = t["test"].num_samples
+  points = [p for q in range(len(fam.ladder))
+            for p in baselines.confidence_exit(t["fit"], t["test"], q)]
+  level_of = lambda param: fam.ladder.index(param["level"])
+
+  def case(point, detail, params, coin):
+    """Per sample the configuration params[coin]."""
+    level = np.array([level_of(p) for p in params])[coin]
+    thr = np.array([p["thresholds"] for p in params], np.float64)[coin]
+    sim = np.choose(coin, [baselines.confidence_states_at(t["test"], p) for p in params])
+    return Case("naive", "bops", point, f"{point} {detail}".strip(), None, level, thr, sim)
+
+  cal = t["cal"]
+  cal_rows = np.arange(cal.num_samples)
+  cal_correct = np.stack([cal.correct[baselines.confidence_states_at(cal, p["param"]), cal_rows]
+                          for p in points])
+  cal_cost = np.array([baselines.confidence_points_at(cal, p["param"])["cost"] for p in points])
+  cal_full = cal.correct[fam.chain(fam.top)[-1]]
+  cases = []
+  for label, zz in (("half point", z), ("mean-only half point", 0.0)):
+    i = protocol.cheapest_within(cal_correct, cal_cost, cal_full, opts.max_drop, zz)
+    if i >= 0:
+      p = points[i]["param"]
+      cases.append(case(label, f"{p['level']} r={p['ratio']:.3g}", [p], np.zeros(n, int)))
+  mixes = protocol.choice.naive_budget_mode(points, cal, opts.budgets)
+  for b in opts.budgets:
+    mix = mixes[protocol.metrics.budget_key(b)]
+    if mix is not None:
+      coin = (rng.random(n) < mix.p_rich).astype(int)
+      cases.append(case(f"budget {b:g}", "", [mix.param, mix.param_rich], coin))
+  for q, name in enumerate(fam.ladder):
+    cases.append(Case("static", "bops", name, name, None, np.full(n, q), None,
+                      np.full(n, fam.chain(q)[-1])))
+  return cases
+
+
+def time_cases(cases: list[Case], runners: dict, hosts: dict, fam, test, test_x, test_y, time_x,
+               full_acc: float, full_s: float, opts: Options) -> list[dict]:
+  """Runs each case on the test split (accuracy, padding, and mismatches: exit state or
+  prediction unlike the test table's) and times it on time_x, on the device runtime (and
+  QuEE's on the host runner); prints the table. full_s: the full model's seconds per input."""
   names = list(fam.ladder)
+  test = test.restrict(fam)
+  cols = np.arange(test.num_samples)
+  plain_cost = fam.cost - np.cumsum(fam.gate_overhead)[fam.gate]  # no predictors run
+  tiles = len(time_x) // len(test_x)
   rows = []
-  print("\n| cost model | λ | start | img/s | vs full | test acc | acc drop | counted cost |"
-        " mismatches |")
-  print("|---|---|---|---|---|---|---|---|---|")
-  for name, label, lam, start in cases:
-    r = runners[name]
-    out = r.classify(test_x, lam, start)
-    secs = median_seconds(lambda: r.classify(test_x, lam, start), FLAGS.reps)
-    state, pred = simulated(fits[name], test, lam, start)
-    mism = int(((state != out.exit_state) | (pred != out.pred)).sum())
+  print("\n| policy | cost model | operating point | start/level | inputs/s | vs full |"
+        " vs host runner | test acc | acc drop | counted BOPs | padding | mismatches |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for c in cases:
+    r = runners[c.cost_model]
+    tile = lambda a: None if a is None else np.concatenate([a] * tiles)
+    if c.policy == "quee":
+      run = lambda r, x, t: r.classify(x, t(c.lam), t(c.level))
+    else:
+      run = lambda r, x, t: r.classify_confidence(x, t(c.level), t(c.thresholds))
+    out = run(r, test_x, lambda a: a)
+    secs = median_seconds(lambda: run(r, time_x, tile), opts.reps) / len(time_x)
+    host = hosts.get(c.cost_model) if c.policy == "quee" else None
+    host_s = (median_seconds(lambda: run(host, time_x, tile), opts.reps) / len(time_x)
+              if host is not None else None)
+    mism = int(((c.sim_state != out.exit_state) | (test.pred[c.sim_state, cols] != out.pred)).sum())
     acc = float((out.pred == test_y).mean())
-    bops_cost = float(fam.cost[out.exit_state].mean())  # counted BOPs, whatever decided
-    row = {"cost_model": name, "lambda": label, "start": names[start[0]],
-           "img_per_s": len(test_y) / secs,
-           "speedup": full_s / secs, "accuracy": acc, "accuracy_drop": full_acc - acc,
-           "bops_cost": bops_cost, "mismatches": mism,
-           "mean_exit_gate": float(out.exit_gate.mean())}
+    cost = fam.cost if c.policy == "quee" else plain_cost
+    row = {"policy": c.policy, "cost_model": c.cost_model, "point": c.point, "lambda": c.label,
+           "start": names[int(c.level[0])], "inputs_per_s": 1 / secs, "speedup": full_s / secs,
+           "host_inputs_per_s": None if host_s is None else 1 / host_s,
+           "vs_host": None if host_s is None else host_s / secs,
+           "accuracy": acc, "accuracy_drop": full_acc - acc,
+           "bops_cost": float(cost[out.exit_state].mean()), "mismatches": mism,
+           "padding": out.padding, "rows_computed": out.rows_computed,
+           "rows_needed": out.rows_needed, "mean_exit_gate": float(out.exit_gate.mean())}
     rows.append(row)
-    print(f"| {name} | {label} | {row['start']} | {row['img_per_s']:.0f} | {row['speedup']:.2f}x"
-          f" | {100 * acc:.2f} | {100 * row['accuracy_drop']:.2f} | {bops_cost:.3f}"
-          f" | {mism}/{len(test_y)} |")
+    vs_host = "" if host_s is None else f"{row['vs_host']:.2f}x"
+    print(f"| {c.policy} | {c.cost_model} | {c.label} | {row['start']} | {1 / secs:.0f}"
+          f" | {row['speedup']:.2f}x | {vs_host} | {100 * acc:.2f} | {100 * row['accuracy_drop']:.2f}"
+          f" | {row['bops_cost']:.3f} | {100 * out.padding:.1f}% | {mism}/{len(test_y)} |")
   return rows
 
 
-def report(device: str, full_accuracy: float, full_img_per_s: float, z: float,
-           timings: dict[str, dict], rows: list[dict], n: int) -> None:
-  """Prints the JSON line (the half point of the faster cost model, every row); exits with an
-  error if the runner differs from the simulation on too many of the n samples in any row."""
-  halves = [r for r in rows if r["lambda"].startswith("half point")]
+def bench(workdir: str, opts: Options) -> dict:
+  """Every timing of the module docstring for one finished work directory: the report (the
+  JSON line's object). Raises ValueError for a work directory or option that does not fit,
+  device_check.DeviceMismatch if the device computes a level unlike the host."""
+  _, plan, splits, params, tables = load_workdir(workdir)
+  seed = plan.eval.seeds[0] if opts.seed is None else opts.seed
+  fitted = protocol.load_variant(tables, opts.variant, seed, plan.eval,
+                                 os.path.join(workdir, "predictors"))
+  z = plan.eval.fallback_z if opts.half_point_z is None else opts.half_point_z
+  if not (np.isfinite(z) and z >= 0):
+    raise ValueError(f"--half_point_z: expected a finite number >= 0, got {z}")
+  bb = models.backbone(plan.model)
+  test_x, test_y = splits.test.images[:], np.asarray(splits.test.labels)
+  time_x = np.concatenate([test_x] * opts.tile)
+  device = jax.devices()[0].device_kind
+  print(f"device: {device} ({jax.default_backend()}, {len(jax.local_devices())} device(s));"
+        f" {len(test_y)} test inputs (timed on {len(time_x)}); predictors {opts.variant} seed"
+        f" {seed}")
+  full_level = plan.ladder[fitted.family.top]
+  full_acc, full_s, full_batch = time_full_model(bb, params, full_level, test_x, test_y, time_x,
+                                                 opts)
+  runners, hosts, fits, timings = build_runners(bb, params, fitted, plan, test_x, opts)
+  rng = np.random.default_rng(0)  # budget modes' per-sample coins
+  cases = (quee_cases(fits, tables, plan.eval, z, opts, rng)
+           + baseline_cases(fitted.family, tables, z, opts, rng))
+  rows = time_cases(cases, runners, hosts, fitted.family, tables["test"], test_x, test_y, time_x,
+                    full_acc, full_s, opts)
+  halves = [r for r in rows if r["policy"] == "quee" and r["point"] == "half point"]
   best = max(halves, key=lambda r: r["speedup"])
-  print(json.dumps({"device": device, "backend": jax.default_backend(),
-                    "full_img_per_s": full_img_per_s, "full_accuracy": full_accuracy,
-                    "speedup_at_half_point": best["speedup"], "cost_model": best["cost_model"],
-                    "accuracy_drop": best["accuracy_drop"], "half_point_z": z,
-                    **timings, "rows": rows}))
-  # Float rounding that depends on the batch shape moves ~0.1% of samples (docs/results/runtime.md); far more
-  # means the runner computed something else than the tables: its timings are not the policy's.
-  off = [r for r in rows if r["mismatches"] > MAX_MISMATCH * n]
-  if off:
-    sys.exit("error: the runner differs from the simulated policy on "
-             + ", ".join(f"{100 * r['mismatches'] / n:.1f}% of samples at {r['cost_model']} "
-                         f"{r['lambda']}" for r in off)
-             + f" (more than {100 * MAX_MISMATCH:g}%): it computed some level unlike the state"
-             " tables (collected on another kind of device, or a kernel that is wrong here)")
+  computed = sum(r["rows_computed"] for r in rows)
+  return {"device": device, "backend": jax.default_backend(), "workdir": os.path.basename(
+              os.path.normpath(workdir)), "full_inputs_per_s": 1 / full_s,
+          "full_batch": full_batch, "full_accuracy": full_acc,
+          "speedup_at_half_point": best["speedup"], "device_runtime_speedup": best["speedup"],
+          "host_runtime_speedup": (None if best["vs_host"] is None
+                                   else best["speedup"] / best["vs_host"]),
+          "cost_model": best["cost_model"], "accuracy_drop": best["accuracy_drop"],
+          "half_point_z": z, "compile_s": sum(runners["bops"].compile_s.values()),
+          "padding": 1 - sum(r["rows_needed"] for r in rows) / max(computed, 1),
+          **timings, "rows": rows, "num_test": len(test_y)}
+
+
+def mismatch_error(report: dict) -> str | None:
+  """The error if the runtime differs from the simulation on too many samples in any row."""
+  # Float rounding that depends on the batch shape moves ~0.1% of samples
+  # (docs/results/runtime.md); far more means the runtime computed something else than the
+  # tables: its timings are not the policy's.
+  n = report["num_test"]
+  off = [r for r in report["rows"] if r["mismatches"] > MAX_MISMATCH * n]
+  if not off:
+    return None
+  return ("the runner differs from the simulated policy on "
+          + ", ".join(f"{100 * r['mismatches'] / n:.1f}% of samples at {r['policy']}"
+                      f" {r['cost_model']} {r['lambda']}" for r in off)
+          + f" (more than {100 * MAX_MISMATCH:g}%): it computed some level unlike the state"
+          " tables (collected on another kind of device, or a kernel that is wrong here)")
 
 
 def main(argv):
@@ -287,26 +439,21 @@ def main(argv):
   precision.avoid_triton_gemm()  # before jax starts: exact int8 dots on NVIDIA GPUs
   logging.set_verbosity(logging.WARNING)  # orbax's restore chatter
   try:
-    _, plan, splits, params, tables = load_workdir(FLAGS.workdir)
-    seed = plan.eval.seeds[0] if FLAGS.seed is None else FLAGS.seed
-    fitted = protocol.load_variant(tables, FLAGS.variant, seed, plan.eval,
-                                   os.path.join(FLAGS.workdir, "predictors"))
-    budgets, caps, z = _options(plan)
-  except ValueError as e:
+    opts = Options(FLAGS.variant, FLAGS.seed, FLAGS.max_batch, FLAGS.min_chunk, FLAGS.reps,
+                   FLAGS.max_drop,
+                   FLAGS.half_point_z, costs_flag("budgets", FLAGS.budgets),
+                   costs_flag("test_chosen", FLAGS.test_chosen), FLAGS.host, FLAGS.latency,
+                   FLAGS.tile)
+    report = bench(FLAGS.workdir, opts)
+  except (ValueError, device_check.DeviceMismatch) as e:
     sys.exit(f"error: {e}")
-  bb = models.backbone(plan.model)
-  test_x, test_y = splits.test.images[:], np.asarray(splits.test.labels)
-  device = jax.devices()[0].device_kind
-  print(f"device: {device} ({jax.default_backend()}, {len(jax.local_devices())} device(s));"
-        f" {len(test_y)} test images; predictors {FLAGS.variant} seed {seed}")
-  full_level = plan.ladder[fitted.family.top]
-  full_acc, full_s = time_full_model(bb, params, full_level, test_x, test_y)
-  runners, fits, timings = build_runners(bb, params, fitted, plan, test_x)
-  cases = operating_points(fits, tables, plan.eval, z, budgets, caps)
-  rows = time_cases(cases, runners, fits, tables["test"], test_x, test_y, full_acc, full_s)
-  report(device, full_acc, len(test_y) / full_s, z, timings, rows, len(test_y))
+  print(json.dumps(report))
+  error = mismatch_error(report)
+  if error:
+    sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["workdir"])
   app.run(main)

@@ -208,7 +208,7 @@ def test_the_runtime_on_token_ids_equals_the_simulated_policy(tiny_bert):
   x, tables, fitted = make_fitted(tiny_bert, inputs=token_ids)
   gating = runtime.gating_from_fitted(fitted, CFG.predictor.level)
   runner = runtime.Runner(bb, params, gating, input_shape=(cfg.seq_len,),
-                          input_dtype=np.int32, max_batch=64, min_bucket=8)
+                          input_dtype=np.int32, max_batch=64, min_chunk=8)
   costs = set()
   for lam in (0.0, 1e-3, 0.05, 1e3):
     out = runner.classify(x["test"], lam)

@@ -31,7 +31,8 @@ ABSOLUTE = re.compile(
 SYSTEM = ("/usr", "/etc", "/dev", "/bin", "/proc", "/sys", "/content")
 # An example value of a command-line argument: `--workdir /tmp/quee_fm`,
 # `--config.init_from=/path/to/ckpt.npz`: an example lives in tmp or is a path/to placeholder.
-ARGUMENT = re.compile(r"--(?:workdir|data_dir|config(?:\.[\w.]+)?)(?:=|\s+)$")
+# `--workdirs /tmp/a,/tmp/b`: each of a list of examples.
+ARGUMENT = re.compile(r"--(?:workdirs?|data_dir|config(?:\.[\w.]+)?)(?:=|\s+)(?:/tmp/[\w.-]+,)*$")
 EXAMPLE = ("/" + "tmp/", "/" + "path/to/")
 BINARY = (".png", ".jpg", ".jpeg", ".gif", ".npz", ".npy", ".zip", ".whl", ".gz", ".pdf")
 NOT_PATHS = (".gitignore",)  # git patterns: a leading slash anchors them at the repository root
@@ -73,7 +74,8 @@ def test_the_detector_allows_examples_and_system_locations():
         "cd /content/quee_jax", "> /dev/null", "https://github.com/ORG/quee_jax/blob/main/x",
         "acc@1/16, 1 / 8", "~/.cache/quee_jax", "DIR/predictors/", "f\"{prefix}/scale\"",
         "cd \"$(dirname \"$0\")/..\"", "<variant>/seed_0", "a/b/c.py", "../method.md",
-        "/usr/bin/python3", 'flat[b + "/scale"]', 'Path("/tmp")']
+        "/usr/bin/python3", 'flat[b + "/scale"]', 'Path("/tmp")',
+        "--workdirs /tmp/quee_fm,/tmp/quee_minilm"]
   for text in ok:
     assert absolute_paths(text) == [], text
 

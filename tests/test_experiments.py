@@ -254,17 +254,24 @@ def test_bench_runtime_on_a_finished_workdir(finished, tmp_path):
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
-  for key in ("device", "full_img_per_s", "speedup_at_half_point", "cost_model", "accuracy_drop"):
+  for key in ("device", "full_inputs_per_s", "full_batch", "speedup_at_half_point", "cost_model",
+              "accuracy_drop", "device_runtime_speedup", "host_runtime_speedup", "compile_s",
+              "padding"):
     assert key in report, key
-  assert report["cost_model"] in ("bops", "latency") and report["full_img_per_s"] > 0
-  names = {(r["cost_model"], r["lambda"].split(" λ")[0]) for r in report["rows"]}
-  assert {("bops", "λ=0"), ("bops", "half point"), ("bops", "mean-only half point"),
-          ("bops", "budget 0.5"), ("latency", "half point"),
-          ("latency", "test-chosen cost<=0.6")} <= names
+  assert report["cost_model"] in ("bops", "latency") and report["full_inputs_per_s"] > 0
+  assert report["full_batch"] in (8, 16, 32, 64) and report["compile_s"] > 0
+  names = {(r["policy"], r["cost_model"], r["point"]) for r in report["rows"]}
+  assert {("quee", "bops", "λ=0"), ("quee", "bops", "half point"),
+          ("quee", "bops", "mean-only half point"), ("quee", "bops", "budget 0.5"),
+          ("quee", "latency", "half point"), ("quee", "latency", "test-chosen cost<=0.6"),
+          ("naive", "bops", "budget 0.5"), ("static", "bops", "float"),
+          ("static", "bops", "w2a4")} <= names, names
   assert report["half_point_z"] == 1.645  # the config's eval.fallback_z
   for row in report["rows"]:  # 200 test images: the runner decides as the simulation does
     assert row["mismatches"] <= 2, row
     assert row["start"] in ("float", "w8a8", "w4a4", "w2a4"), row
+    assert 0 <= row["padding"] < 0.5 and row["rows_computed"] >= row["rows_needed"] > 0, row
+    assert (row["vs_host"] is not None) == (row["policy"] == "quee"), row
   assert set(report["block_us_per_sample"]) == {"float", "w8a8", "w4a4", "w2a4"}
   # Test tables that no longer say what the model computes: the runner differs from the
   # simulation on most samples, and the bench says so instead of reporting speedups.
@@ -273,7 +280,8 @@ def test_bench_runtime_on_a_finished_workdir(finished, tmp_path):
   table = q.load_table(str(wrong / "tables" / "test"))
   q.save_table(dataclasses.replace(table, pred=(table.pred + 1) % 10), str(wrong / "tables" / "test"))
   out = subprocess.run([sys.executable, "-m", "experiments.bench_runtime", "--workdir", str(wrong),
-                        "--reps=1", "--max_batch=64", "--budgets=0.5"], cwd=ROOT,
+                        "--reps=1", "--max_batch=64", "--budgets=0.5", "--host=false",
+                        "--latency=false"], cwd=ROOT,
                        capture_output=True, text=True, timeout=900)
   assert out.returncode != 0 and "error: the runner differs from the simulated policy on" in out.stderr
   assert json.loads(out.stdout.strip().splitlines()[-1])["rows"]  # the report came first
@@ -285,6 +293,23 @@ def test_bench_runtime_on_a_finished_workdir(finished, tmp_path):
     out = subprocess.run([sys.executable, "-m", "experiments.bench_runtime", *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and f"error: {key}:" in out.stderr, out.stderr[-2000:]
+
+
+def test_accelerator_check_runs_on_a_cpu_too(finished):
+  workdir, _ = finished
+  cmd = [sys.executable, "-m", "experiments.accelerator_check", "--workdirs", str(workdir),
+         "--max_batch=64", "--min_chunk=16", "--reps=1", "--tile=2",
+         "--budgets=0.25"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  assert report["backend"] == "cpu" and report["max_batch"] == 64
+  (name, res), = report["results"].items()
+  assert name == os.path.basename(str(workdir)) and res["full_inputs_per_s"] > 0
+  assert {"λ=0", "half point", "budget 0.25"} <= set(res["quee"])
+  assert "budget 0.25" in res["naive"] and set(res["static"]) == {"float", "w8a8", "w4a4", "w2a4"}
+  assert res["max_mismatch_share"] <= 0.01 and res["compile_s"] > 0
+  assert res["quee"]["λ=0"]["accuracy_drop"] == 0.0 and res["quee"]["λ=0"]["speedup"] > 0
 
 
 def test_half_point_needs_confidence_that_the_drop_is_within_bounds():

@@ -184,6 +184,9 @@ def test_budget_mix_spends_the_budget_across_a_jump():
   f = lambda lam: 1.0 if lam < 1.0 else 0.1
   mix = policy.budget_mix(f, 0.5)
   assert f(mix.lam) == 0.1 and f(mix.lam_rich) == 1.0
+  # Both λ sit 1% inside their flat piece, not within rounding of the jump, where a float32
+  # runtime could not tell them apart.
+  assert mix.lam == pytest.approx(1.01, rel=1e-6) and mix.lam_rich == pytest.approx(1 / 1.01)
   assert (1 - mix.p_rich) * 0.1 + mix.p_rich * 1.0 == pytest.approx(0.5)
   assert policy.budget_mix(f, 1.0) == policy.BudgetMix(0.0, 0.0, 0.0)  # λ = 0 fits
   assert policy.budget_mix(lambda lam: 0.3, 0.1).p_rich == 0.0  # unreachable: cheapest alone

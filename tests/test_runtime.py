@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import chex
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import family, images, labels
@@ -14,7 +16,9 @@ from conftest import family, images, labels
 import quee_jax as q
 from quee_jax import protocol, runtime
 from quee_jax.gating import predictor
-from quee_jax.runtime import stage
+from quee_jax.protocol import baselines
+from quee_jax.gating import policy
+from quee_jax.runtime import program
 
 LAMBDAS = (0.0, 1e-4, 1e-3, 0.01, 0.05, 0.2, 1e3)
 CFG = protocol.EvalConfig(seeds=(0,), min_cluster=20, max_clusters=8, variants=("quee",),
@@ -44,17 +48,17 @@ def setup(tiny):
   cfg, params, bb = tiny
   gating = runtime.gating_from_fitted(fitted, CFG.predictor.level)
   runner = runtime.Runner(bb, params, gating, input_shape=x["test"].shape[1:],
-                          max_batch=64, min_bucket=8)
+                          max_batch=64, min_chunk=8)
   return x, tables, fitted, runner
 
 
-PROGRAM = stage.program  # unwrapped, whatever a test has patched in
+RUN_LANE = program.run_lane  # unwrapped, whatever a test has patched in
 
 
 def limit_traces(monkeypatch, n: int) -> None:
-  """Runners made from here on (in this test) may trace stage programs n times in all."""
+  """Runners made from here on (in this test) may trace their lane program n times in all."""
   chex.clear_trace_counter()
-  monkeypatch.setattr(stage, "program", chex.assert_max_traces(PROGRAM, n=n))
+  monkeypatch.setattr(program, "run_lane", chex.assert_max_traces(RUN_LANE, n=n))
 
 
 def simulated(fitted, table, lam):
@@ -74,22 +78,25 @@ def test_runner_equals_the_simulated_policy_on_every_sample(setup):
     np.testing.assert_array_equal(out.exit_gate, fam.gate[state])
     np.testing.assert_array_equal(out.levels, fam.history[state])
     costs.add(round(float(out.cost.mean()), 6))
+    # Rows needed: every gate each sample reached; padding: under min_chunk per group.
+    assert out.rows_needed == (fam.gate[state] + 1).sum()
+    groups = fam.num_gates * len(fam.ladder) * -(-len(state) // runner.max_batch)
+    assert out.rows_needed <= out.rows_computed < out.rows_needed + groups * runner.min_chunk
   assert len(costs) >= 3  # the λ above really take different paths
 
 
-def test_lanes_in_flight_do_not_change_decisions(setup, tiny):
-  x, _, _, runner = setup  # 200 samples: four lanes of at most 64
-  lam = np.random.default_rng(2).choice([1e-3, 0.01, 0.2], len(x["test"]))
-  want = runner.classify(x["test"], lam)
-  for k in (1, 3, 8):
-    other = runtime.Runner(tiny[2], tiny[1], runner.gating, lanes_per_device=k,
-                           input_shape=x["test"].shape[1:], max_batch=64, min_bucket=8)
-    got = other.classify(x["test"], lam)
-    np.testing.assert_array_equal(got.exit_state, want.exit_state, err_msg=f"{k} lanes")
-    np.testing.assert_array_equal(got.pred, want.pred, err_msg=f"{k} lanes")
-  with pytest.raises(ValueError, match="lanes_per_device"):
-    runtime.Runner(tiny[2], tiny[1], runner.gating, lanes_per_device=0,
-                   input_shape=x["test"].shape[1:])
+def test_a_sample_gets_the_same_result_alone_and_in_a_batch(setup):
+  x, _, _, runner = setup
+  batch = images(1000, seed=9)
+  lam = np.random.default_rng(2).choice([1e-3, 0.01, 0.2], len(batch))
+  want = runner.classify(batch, lam)  # 1,000 samples: 16 calls of a lane of 64
+  for i in (0, 77, 500, 999):
+    got = runner.classify(batch[i:i + 1], lam[i])  # a lane of min_chunk, one live row
+    assert (got.exit_state[0], got.pred[0]) == (want.exit_state[i], want.pred[i]), i
+  part = runner.classify(batch[13:50], lam[13:50])  # a lane of 64, 27 rows of padding
+  np.testing.assert_array_equal(part.exit_state, want.exit_state[13:50])
+  np.testing.assert_array_equal(part.pred, want.pred[13:50])
+  assert len(set(want.exit_state.tolist())) >= 3  # the samples took several paths
 
 
 def test_per_sample_lambda_mixes_two_policies(setup):
@@ -99,6 +106,22 @@ def test_per_sample_lambda_mixes_two_policies(setup):
   for lam, rows in ((1e-3, coin), (0.2, ~coin)):
     state, _ = simulated(fitted, tables["test"], lam)
     np.testing.assert_array_equal(out.exit_state[rows], state[rows])
+
+
+def test_budget_mode_points_run_as_simulated(setup):
+  """Budget mode's two λ per budget (a per-sample coin between them) decide on the device as
+  in the simulation: neither sits within float32 rounding of a jump of the cal curve."""
+  x, tables, fitted, runner = setup
+  rng = np.random.default_rng(4)
+  for budget in (0.7, 0.5, 0.25):
+    point = protocol.budget_point(fitted, tables["cal"], budget)
+    lam = np.where(rng.random(len(x["test"])) < point.mix.p_rich, point.mix.lam_rich,
+                   point.mix.lam)
+    out = runner.classify(x["test"], lam, point.start)
+    for value in (point.mix.lam, point.mix.lam_rich):
+      rows = lam == value
+      res = fitted.simulate(tables["test"], "test", [value], [point.start])
+      np.testing.assert_array_equal(out.exit_state[rows], res.exit_state[0][rows])
 
 
 def test_explicit_start_levels_per_sample_equal_the_simulated_policy(setup):
@@ -114,32 +137,86 @@ def test_explicit_start_levels_per_sample_equal_the_simulated_policy(setup):
   np.testing.assert_array_equal(named.exit_state, runner.classify(x["test"], 0.2, 1).exit_state)
 
 
-def test_compilations_are_bounded_by_gates_levels_and_buckets(setup, tiny, monkeypatch):
-  x, _, _, shared = setup
-  fam = shared.family
-  limit_traces(monkeypatch, fam.num_gates * len(fam.ladder) * len(shared.buckets))
-  runner = runtime.Runner(tiny[2], tiny[1], shared.gating,
-                          input_shape=x["test"].shape[1:], max_batch=64, min_bucket=8)
-  for n in (200, 37, 5, 1):  # every group size; one trace too many raises AssertionError
-    for lam in LAMBDAS:
-      runner.classify(x["test"][:n], lam)
+def test_confidence_exits_and_static_levels_run_as_the_baselines_count_them(setup):
+  x, tables, fitted, runner = setup
+  fam, test = runner.family, tables["test"]
+  plain = fam.with_gate_overhead(np.zeros(fam.num_gates))  # no predictor runs
+  t = {k: v.restrict(plain) for k, v in tables.items()}
+  rows = np.arange(test.num_samples)
+  for lv in range(len(fam.ladder)):
+    points = baselines.confidence_exit(t["fit"], t["test"], lv)
+    for p in points[::6]:
+      out = runner.classify_confidence(x["test"], p["param"]["level"], p["param"]["thresholds"])
+      want = baselines.confidence_states_at(t["test"], p["param"])
+      np.testing.assert_array_equal(out.exit_state, want, err_msg=str(p["param"]))
+      np.testing.assert_array_equal(out.pred, t["test"].pred[want, rows])
+      assert out.cost.mean() == pytest.approx(p["cost"]) and (out.levels[:, 0] == lv).all()
+    static = runner.classify_confidence(x["test"], fam.ladder[lv])
+    assert (static.exit_state == fam.chain(lv)[-1]).all()
+  # Per sample: a mix of two configurations at two levels, as the naive budget mode runs them.
+  a, b = (baselines.confidence_exit(t["fit"], t["test"], lv)[10]["param"] for lv in (0, 1))
+  coin = np.random.default_rng(3).random(len(rows)) < 0.5
+  out = runner.classify_confidence(x["test"], np.where(coin, 1, 0),
+                                   np.where(coin[:, None], b["thresholds"], a["thresholds"]))
+  want = np.where(coin, baselines.confidence_states_at(t["test"], b),
+                  baselines.confidence_states_at(t["test"], a))
+  np.testing.assert_array_equal(out.exit_state, want)
+  with pytest.raises(ValueError, match="thresholds: expected 2 numbers"):
+    runner.classify_confidence(x["test"], 0, [0.5])
+  with pytest.raises(ValueError, match="level: unknown level"):
+    runner.classify_confidence(x["test"], "w3a3")
+
+
+def test_one_transfer_back_per_call_and_nothing_implicit(setup, monkeypatch):
+  """The whole gating loop stays on the device: a classify call fetches its outputs once,
+  and no implicit device-to-host transfer happens (jax's transfer guard would raise)."""
+  x, _, _, runner = setup
+  fetches = []
+  real = jax.device_get
+  monkeypatch.setattr(jax, "device_get", lambda a: fetches.append(1) or real(a))
+  runner.classify(x["test"][:64], 0.01)  # compiles outside the guard
+  fetches.clear()
+  with jax.transfer_guard_device_to_host("disallow"):
+    for lam in (0.0, 0.01, 0.2):
+      runner.classify(x["test"][:64], lam)  # one lane
+    runner.classify(x["test"], 0.01)  # four calls of a lane, still one fetch
+  assert len(fetches) == 4
 
 
 def test_a_second_batch_of_the_same_shape_compiles_nothing(setup, tiny, monkeypatch):
   x, _, _, shared = setup
-  limit_traces(monkeypatch, 0)
+  limit_traces(monkeypatch, 2)  # lanes of 64 and of 8 samples: one trace each
+  # Chunk bodies, compiled into those two programs: gates x levels x chunk sizes at most
+  # (sizes 64, 32, 16, 8 in a lane of 64; 8 in a lane of 8), whatever the data.
+  fam = shared.family
+  bodies = fam.num_gates * len(fam.ladder) * (len(program.chunk_sizes(64, 8)) + 1)
+  monkeypatch.setattr(program, "chunk", chex.assert_max_traces(program.chunk, n=bodies))
   runner = runtime.Runner(tiny[2], tiny[1], shared.gating,
-                          input_shape=x["test"].shape[1:], max_batch=64, min_bucket=8)
-  data = x["test"][:192]  # three passes of max_batch
-  chex.disable_asserts()  # the first batches compile what they need
-  try:
-    for lam in LAMBDAS:
-      runner.classify(data, lam)
-  finally:
-    chex.enable_asserts()
-  chex.clear_trace_counter()
-  for lam in LAMBDAS:  # four times the batches, the same passes: a trace raises AssertionError
-    runner.classify(np.concatenate([data] * 4), lam)
+                          input_shape=x["test"].shape[1:], max_batch=64, min_chunk=8)
+  for lam in LAMBDAS:  # one trace too many raises AssertionError
+    runner.classify(x["test"][:192], lam)
+    runner.classify(x["test"][:200], lam)  # the last 8 in a call of 64 as well
+    runner.classify(x["test"][5:10], lam)  # a lane of 8
+  assert set(runner.compile_s) == {(64, "quee"), (8, "quee")}
+  assert all(s > 0 for s in runner.compile_s.values())
+
+
+def test_the_decision_is_one_function_for_numpy_and_jax(setup):
+  """policy.step run by numpy (the simulation) and by jax.numpy in float32 (the runtime's
+  program) decides alike on every (state, sample) of a real table."""
+  _, tables, fitted, runner = setup
+  fam = fitted.family
+  predicted = fitted.predicted["test"]  # [S, N, C]
+  S, N, _ = predicted.shape
+  cur = np.repeat(np.arange(S)[:, None], N, axis=1)
+  dec = jax.tree.map(jnp.asarray, runner.consts.decision)
+  step = jax.jit(lambda c, e, l: policy.step(dec, c, e, l, fitted.tau, xp=jnp))
+  for lam in LAMBDAS:
+    lam = np.full((S, N), lam)
+    want = policy.step(fam, cur, predicted, lam, fitted.tau)
+    got = jax.device_get(step(cur, predicted, lam))
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_latency_cost_model_is_measured_and_decides_with_the_same_predictors(setup):
@@ -204,7 +281,7 @@ def test_bad_input_is_refused_before_any_compute(setup, tiny, monkeypatch):
   cfg, params, bb = tiny
   limit_traces(monkeypatch, 0)  # a program traced for bad input raises AssertionError
   runner = runtime.Runner(bb, params, shared.gating, input_shape=x["test"].shape[1:],
-                          max_batch=64, min_bucket=8)
+                          max_batch=64, min_chunk=8)
   good = x["test"][:10]
   cases = [
       (good[:, :4], "images: expected shape"),
@@ -251,9 +328,9 @@ tiny = (TINY, params, q.vit.backbone(TINY))
 x, tables, fitted = make_fitted(tiny, n=(400, 100, 100))
 gating = runtime.gating_from_fitted(fitted, "w8a8")
 one = runtime.Runner(tiny[2], params, gating, input_shape=x["test"].shape[1:],
-                     max_batch=32, min_bucket=8, devices=jax.local_devices()[:1])
+                     max_batch=32, min_chunk=8, devices=jax.local_devices()[:1])
 two = runtime.Runner(tiny[2], params, gating, input_shape=x["test"].shape[1:],
-                     max_batch=32, min_bucket=8)
+                     max_batch=32, min_chunk=8)
 assert len(two.devices) == 2
 for lam in (0.0, 0.01, 0.2):
   a, b = one.classify(x["test"], lam), two.classify(x["test"], lam)

@@ -29,7 +29,11 @@ from the full model to its cheapest corner (docs/method.md).
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from quee_jax.core import precision
@@ -64,40 +68,84 @@ class PolicyResult:
             for l, q, c, a in zip(self.lambdas, self.starts, self.mean_cost(), self.accuracy())]
 
 
-def choose(errors: np.ndarray, dcost: np.ndarray, mask: np.ndarray, lam: np.ndarray,
-           tau: float = SOFT_FLOOR, ref: np.ndarray | None = None) -> np.ndarray:
+class Decision(NamedTuple):
+  """The family's arrays a gate's decision reads: a `PathFamily`'s, as a pytree.
+
+  `step` takes a `PathFamily` or this; the runtime passes this to its compiled
+  program as an argument (as `jax.numpy` arrays), so another cost model changes
+  the program's inputs, not the program.
+  """
+
+  cand_cost: np.ndarray  # [S, C] ΔC of each candidate
+  cand_mask: np.ndarray  # [S, C] candidates a state may take
+  reference: np.ndarray  # [S] the reference slot (`PathFamily.reference`)
+  child: np.ndarray      # [S, Q] the state one segment on at level q
+
+  @classmethod
+  def of(cls, family: PathFamily, xp=np) -> "Decision":
+    return cls(*(xp.asarray(getattr(family, f)) for f in cls._fields))
+
+  @property
+  def num_gates(self) -> int:
+    """From the shapes (static under jit): C = 1 + Q * G candidate slots."""
+    return (self.cand_cost.shape[-1] - 1) // self.child.shape[-1]
+
+
+def choose(errors, dcost, mask, lam, tau: float = SOFT_FLOOR, ref=None, xp=np):
   """Index of argmin_c floored errors + lam * dcost over valid c, ties to larger dcost.
 
   errors, dcost, mask: [..., C] broadcastable; lam: broadcastable to [...];
   tau: the soft floor's temperature (0: a hard floor, max(ê_c, ê_ref));
   ref: [...] the reference slot (`PathFamily.reference`; default: the dearest).
+  xp: the array namespace, numpy (the simulation) or jax.numpy (the runtime's program):
+    written once against the operations both provide, so both decide alike. numpy
+    computes in float64 (ΔC is float64), jax.numpy in float32 unless x64 is enabled.
   """
   if ref is None:
-    ref = np.argmax(np.where(mask, dcost, -np.inf), axis=-1)
-  ref = np.broadcast_to(ref, errors.shape[:-1])
-  floor = np.take_along_axis(errors, ref[..., None], axis=-1)
-  is_ref = np.arange(errors.shape[-1]) == ref[..., None]
+    ref = xp.argmax(xp.where(mask, dcost, -xp.inf), axis=-1)
+  ref = xp.broadcast_to(ref, errors.shape[:-1])
+  floor = xp.take_along_axis(errors, ref[..., None], axis=-1)
+  is_ref = xp.arange(errors.shape[-1]) == ref[..., None]
   d = errors - floor
-  d = tau * np.logaddexp(0.0, d / tau) if tau > 0 else np.maximum(d, 0.0)
-  score = floor + np.where(is_ref, 0.0, d) + lam[..., None] * dcost
-  score = np.where(mask, score, np.inf)
+  d = tau * xp.logaddexp(0.0, d / tau) if tau > 0 else xp.maximum(d, 0.0)
+  score = floor + xp.where(is_ref, 0.0, d) + xp.asarray(lam)[..., None] * dcost
+  score = xp.where(mask, score, xp.inf)
   best = score.min(axis=-1, keepdims=True)
-  tied = score <= best + 1e-12 * np.maximum(1.0, np.abs(best))
-  return np.argmax(np.where(tied, dcost, -np.inf), axis=-1)
+  tied = score <= best + 1e-12 * xp.maximum(1.0, xp.abs(best))
+  return xp.argmax(xp.where(tied, dcost, -xp.inf), axis=-1)
 
 
-def step(family: PathFamily, cur: np.ndarray, errors: np.ndarray, lam: np.ndarray,
-         tau: float = SOFT_FLOOR) -> tuple[np.ndarray, np.ndarray]:
+def step(family: PathFamily | Decision, cur, errors, lam, tau: float = SOFT_FLOOR, xp=np):
   """One gate's decision for samples in states `cur` (any shape) with predicted errors
   [..., C] and trade-offs `lam` (same shape as cur): (exiting, next state; cur where exiting).
 
-  `simulate` and the runtime both decide through this function.
+  The simulation (through `decide`) and the runtime's compiled program both decide
+  through this function, in jax.numpy and float32 (`start_levels` runs `choose` in numpy).
   """
-  choice = choose(errors, family.cand_cost[cur], family.cand_mask[cur], lam, tau,
-                  family.reference[cur])
+  d = family if isinstance(family, Decision) else Decision.of(family)
+  choice = choose(errors, d.cand_cost[cur], d.cand_mask[cur], lam, tau, d.reference[cur], xp)
   exiting = choice == EXIT
-  level = np.maximum(choice - 1, 0) // family.num_gates
-  return exiting, np.where(exiting, cur, family.child[cur, level])
+  level = xp.maximum(choice - 1, 0) // d.num_gates
+  return exiting, xp.where(exiting, cur, d.child[cur, level])
+
+
+@functools.partial(jax.jit, static_argnames="tau")
+def _jitted_step(decision: Decision, cur, errors, lam, tau: float):
+  return step(decision, cur, errors, lam, tau, xp=jnp)
+
+
+def decide(family: PathFamily, cur: np.ndarray, errors: np.ndarray, lam: np.ndarray,
+           tau: float = SOFT_FLOOR) -> tuple[np.ndarray, np.ndarray]:
+  """`step` as the runtime's compiled program computes it: jax.numpy, float32, jitted.
+
+  The simulation decides through this, so that it and the runtime break near-ties alike:
+  budget mode's λ sit where tied samples (the same predicted errors) switch together, and
+  there a float64 decision and a float32 one can part for the whole group.
+  """
+  exiting, nxt = _jitted_step(Decision.of(family), np.asarray(cur, np.int32),
+                              np.asarray(errors, np.float32), np.asarray(lam, np.float32),
+                              tau=float(tau))
+  return np.asarray(exiting), np.asarray(nxt).astype(np.int64)
 
 
 def start_errors(fit: StateTable) -> np.ndarray:
@@ -182,7 +230,7 @@ def simulate(table: StateTable, predicted: np.ndarray, population_err: np.ndarra
   cols = np.arange(N)[None, :]
   lam = np.repeat(lambdas[:, None], N, axis=1)
   for _ in range(fam.num_gates):
-    exiting, nxt = step(fam, cur, predicted[cur, cols], lam, tau)
+    exiting, nxt = decide(fam, cur, predicted[cur, cols], lam, tau)
     done = exiting | done
     if done.all():
       break
@@ -271,9 +319,35 @@ class BudgetMix:
   p_rich: float    # probability that a sample uses lam_rich
 
 
+def _inside(mean_cost_fn, lam: float, up: bool, width: float = 1e-2, iters: int = 20) -> float:
+  """λ moved off the jump the bisection stopped at, into its flat piece of the curve (going
+  up, or down): by `width` (relative) if the mean cost stays the same there, else to the
+  middle (in log space) of the piece, whose other end is found by bisection.
+
+  The bisection leaves λ within ~1e-12 of a point where tied samples (the same predicted
+  errors) change their decision together: closer than float32 resolves, so a runtime
+  deciding in float32 (`runtime.program`) would take the other side for all of them.
+  """
+  if lam <= 0:
+    return lam
+  cost = mean_cost_fn(lam)
+  far = lam * (1 + width) if up else lam / (1 + width)
+  if mean_cost_fn(far) == cost:
+    return float(far)
+  near = lam  # same cost at near, another at far: the piece ends between them
+  for _ in range(iters):
+    mid = np.sqrt(near * far)
+    if mean_cost_fn(mid) == cost:
+      near = mid
+    else:
+      far = mid
+  return float(np.sqrt(lam * near))
+
+
 def budget_mix(mean_cost_fn, budget: float, hi: float = 1e6, iters: int = 40) -> BudgetMix:
   """The mix of the two λ around `budget` whose expected mean cost equals it (on cal)."""
   rich, lam = _bracket(mean_cost_fn, budget, hi, iters)
+  lam, rich = _inside(mean_cost_fn, lam, up=True), _inside(mean_cost_fn, rich, up=False)
   c_lam, c_rich = mean_cost_fn(lam), mean_cost_fn(rich)
   if rich == lam or c_rich <= c_lam:
     return BudgetMix(lam, lam, 0.0)

@@ -220,19 +220,20 @@ def shrinkage(predicted: np.ndarray, errors: np.ndarray, family: PathFamily,
           "true_mean": (t_mean * family.cand_mask).astype(np.float32)}
 
 
-def apply_shrinkage(predicted: np.ndarray, shrink: dict, family: PathFamily,
-                    states: np.ndarray | None = None) -> np.ndarray:
+def apply_shrinkage(predicted, shrink: dict, family, states=None, xp=np):
   """Predicted errors with the calibrated differences of `shrinkage`.
 
   predicted: [S, N, C] for every state of `family`, or [n, C] for n samples
     in `states` [n] (the runtime's samples at a gate); the same arithmetic.
+  family: anything with the family's `reference` [S] (a `PathFamily`, a `policy.Decision`).
+  xp: numpy, or jax.numpy inside the runtime's program (shrink's arrays then jax arrays).
   """
-  ref = family.reference
+  ref = xp.asarray(family.reference)
   if states is None:
     rows, ref = (lambda a: a[:, None]), ref[:, None, None]
   else:
-    rows, ref = (lambda a: a[states]), ref[states][:, None]
-  base = np.take_along_axis(predicted, ref, axis=-1)
+    rows, ref = (lambda a: xp.asarray(a)[states]), ref[states][:, None]
+  base = xp.take_along_axis(predicted, ref, axis=-1)
   d = predicted - base
   d = rows(shrink["true_mean"]) + rows(shrink["beta"]) * (d - rows(shrink["pred_mean"]))
-  return np.clip(base + d, 0.0, 1.0).astype(np.float32)
+  return xp.clip(base + d, 0.0, 1.0).astype(xp.float32)

@@ -34,6 +34,7 @@ from quee_jax.protocol.choice import (
   Outcome,
   PolicyMix,
   budget_point,
+  cheapest_within,
   half_point,
   test_chosen,
 )

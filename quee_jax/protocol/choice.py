@@ -60,18 +60,25 @@ def budget_point(fitted: Fitted, cal: StateTable, budget: float) -> BudgetPoint:
   return best[1]
 
 
-def half_point(cal_sweep: policy.PolicyResult, full_correct: np.ndarray, max_drop: float,
-               z: float) -> tuple[float, int]:
-  """(λ, start level) of the cheapest operating point of the cal sweep whose accuracy is
-  within max_drop of the full model's (per-sample correctness full_correct) with confidence:
-  mean - z * standard error of the paired per-sample difference >= -max_drop. The full
-  model's own point (λ = 0) has a zero difference, so one always qualifies."""
+def cheapest_within(correct: np.ndarray, cost: np.ndarray, full_correct: np.ndarray,
+                    max_drop: float, z: float) -> int:
+  """Index of the cheapest of K operating points (per-sample correctness correct [K, N] on
+  cal, mean cost [K]) whose accuracy is within max_drop of the full model's with confidence:
+  mean - z * standard error of the paired per-sample difference >= -max_drop. -1 if none."""
   ok = []
-  for i, correct in enumerate(cal_sweep.correct):
-    gain, se = metrics.paired_gain(correct, full_correct)
+  for i, c in enumerate(correct):
+    gain, se = metrics.paired_gain(c, full_correct)
     if gain - z * se >= -max_drop - 1e-12:
       ok.append(i)
-  best = ok[int(np.argmin(cal_sweep.mean_cost()[ok]))]
+  return ok[int(np.argmin(np.asarray(cost)[ok]))] if ok else -1
+
+
+def half_point(cal_sweep: policy.PolicyResult, full_correct: np.ndarray, max_drop: float,
+               z: float) -> tuple[float, int]:
+  """(λ, start level) of the cheapest operating point of the cal sweep within max_drop of the
+  full model's accuracy with confidence (`cheapest_within`). The full model's own point
+  (λ = 0) has a zero difference, so one always qualifies."""
+  best = cheapest_within(cal_sweep.correct, cal_sweep.mean_cost(), full_correct, max_drop, z)
   return float(cal_sweep.lambdas[best]), int(cal_sweep.starts[best])
 
 

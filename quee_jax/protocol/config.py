@@ -21,7 +21,7 @@ VARIANTS = {
 
 # Saved runs hold results computed by this code: a change to what they contain (e.g. the
 # operating points swept) bumps it, so that `evaluate` recomputes them rather than load them.
-RESULTS_VERSION = 4  # 4: clusters weighted by relevance (targets.py)
+RESULTS_VERSION = 5  # 5: decisions in float32 as the runtime takes them, budget λ off the jumps
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,8 @@
   device_check  does an accelerator compute every precision level as the CPU does?
 """
 
-from quee_jax.runtime import device_check, gating, lanes, latency, runner, stage
+from quee_jax.runtime import device_check, gating, host, lanes, latency, program, runner, stage
 from quee_jax.runtime.gating import Gating, gating_from_fitted
 from quee_jax.runtime.latency import LatencyModel, latency_costs, latency_model
+from quee_jax.runtime.host import HostRunner
 from quee_jax.runtime.runner import Runner, RunResult

@@ -1,6 +1,7 @@
-"""Latency cost model: a runner's own stage programs timed on the device at hand.
+"""Latency cost model: a runner's own chunk bodies timed on the device at hand.
 
-`latency_model` times every (gate, level) program with and without its blocks,
+`latency_model` times every (gate, level) chunk body (`program.chunk`: gather, segment,
+exit head, features, predictor, scatter) with and without its blocks,
 interleaved pair by pair so that load from elsewhere hits both alike, and
 returns a `LatencyModel`: the `CostTable` (normalized like BOPs) and the spread
 of each block time. `latency_costs` is its `.costs`; `Gating.with_costs` (or
@@ -17,6 +18,7 @@ blocks (see `floor_block_times`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable
 
@@ -25,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from quee_jax.core.cost import CostTable
+from quee_jax.runtime import program
 from quee_jax.runtime.runner import Runner
-from quee_jax.runtime.stage import RowState
 
 # The floor of a block time, as a fraction of its gate's program without blocks (per sample,
 # per block). Why that program: it is measured on its own (never a difference), so it is never
@@ -63,45 +65,52 @@ class LatencyModel:
   pairs: int
 
 
-def stage_timer(runner: Runner) -> Timer:
-  """A `Timer` of the runner's programs at its largest bucket on lane device 0.
+def chunk_timer(runner: Runner) -> Timer:
+  """A `Timer` of the runner's chunk bodies (`program.chunk`) at its largest chunk, on its
+  first device: per (gate, level, blocks) one jitted chunk over a lane of random inputs.
 
-  The first call of each program compiles and is not timed.
+  The first call of each compiles and is not timed.
   """
-  stage, b = runner.stage, runner.max_batch
+  kind = program.QUEE
+  batch = runner.max_batch
+  size = program.chunk_sizes(batch, runner.min_chunk)[0]
+  spec = runner.spec(batch, kind)
   rng = np.random.default_rng(0)
-  buffers = stage.zero_buffers(0)
-  # A list, as each call donates the buffers and returns the ones the next call uses.
-  held = [buffers._replace(hidden=jax.device_put(
-      jnp.asarray(rng.normal(size=buffers.hidden.shape), buffers.hidden.dtype), runner.devices[0]))]
-  rows = np.arange(b, dtype=np.int32)
   floating = np.issubdtype(runner.input_dtype, np.floating)
-  # gate 0 reads inputs; token ids: 1, a valid non-padding id.
-  imgs = (rng.normal(size=(b, *runner.input_shape)) if floating
-          else np.ones((b, *runner.input_shape))).astype(runner.input_dtype)
-  warm = set()
+  # Token ids: 1, a valid non-padding id.
+  imgs = (rng.normal(size=(batch, *runner.input_shape)) if floating
+          else np.ones((batch, *runner.input_shape))).astype(runner.input_dtype)
+  device = runner.devices[0]
+  consts = jax.device_put(jax.device_get(runner.consts), device)
+  fam = runner.family
+  timed = {}
 
   def call(gate: int, level: int, blocks: bool) -> None:
-    state = RowState.start(np.full(b, runner.family.states_at(gate)[0]), b)  # all in one state
-    held[0], out = stage(0, held[0], rows, imgs if gate == 0 else None, state, gate=gate, level=level,
-                   blocks=blocks)
-    jax.block_until_ready(out)
+    key = (gate, level, blocks)
+    if key not in timed:
+      state = np.full(batch, fam.states_at(gate)[0], np.int32)  # all in one state
+      inputs = program.Inputs(imgs, state, np.zeros(batch, np.float32),
+                              np.full((batch, fam.num_gates), np.inf, np.float32),
+                              np.ones(batch, bool))
+      lane = jax.jit(functools.partial(program.start_lane, runner.backbone, spec))(
+          consts, jax.device_put(inputs, device))
+      out = program.blank_gate(spec, consts)
+      order = jnp.arange(batch + runner.min_chunk, dtype=jnp.int32)
+      fn = jax.jit(functools.partial(program.chunk, runner.backbone, spec, gate=gate,
+                                     level=level, size=size, blocks=blocks))
+      args = (consts, lane, out, order, jnp.int32(0), jnp.int32(size))
+      jax.block_until_ready(fn(*args))  # compiles
+      timed[key] = (fn, args)
+    fn, args = timed[key]
+    jax.block_until_ready(fn(*args))
 
   def timer(gate: int, level: int, blocks: bool) -> float:
-    if (gate, level, blocks) not in warm:
-      call(gate, level, blocks)  # compiles
-      warm.add((gate, level, blocks))
+    if (gate, level, blocks) not in timed:
+      call(gate, level, blocks)  # builds and compiles: not timed
     t0 = time.perf_counter()
     call(gate, level, blocks)
-    return (time.perf_counter() - t0) / b
+    return (time.perf_counter() - t0) / size
   return timer
-
-
-def time_stage(runner: Runner, gate: int, level: int, blocks: bool = True, reps: int = 5) -> float:
-  """Seconds per sample of the (gate, level) program: the fastest of `reps` calls after a
-  compiling one. blocks=False: the program without the segment's blocks."""
-  timer = stage_timer(runner)
-  return min(timer(gate, level, blocks) for _ in range(reps))
 
 
 def _half_iqr(x: np.ndarray) -> float:
@@ -126,11 +135,11 @@ def latency_model(runner: Runner, reps: int = 5, timer: Timer | None = None) -> 
   of the program without blocks at g: the exit head, features, predictor, gather and scatter,
   and at gate 0 the embedding (every path pays gate 0's once, so `embed` is 0). Normalized so
   that 1 is the runner's full path: every gate's program at the family's top level (by
-  counted cost), as λ = 0 runs it. `timer` (default `stage_timer(runner)`) times one call.
+  counted cost), as λ = 0 runs it. `timer` (default `chunk_timer(runner)`) times one call.
   """
   if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
     raise ValueError(f"reps: expected a positive int, got {reps!r}")
-  timer = timer or stage_timer(runner)
+  timer = timer or chunk_timer(runner)
   fam = runner.family
   pairs = max(reps, MIN_PAIRS)
   bounds = (0,) + fam.exits
