@@ -33,6 +33,10 @@ from the simulated policy on the test state table; more than 2% in any row
 exits with an error after the report. On an accelerator it first compares
 every level there with the host CPU (`quee_jax.runtime.device_check`).
 
+Each row's ratios divide timings taken in turns with the full model's (and the
+host runner's), the order rotating rep by rep, so that load and drift on a
+shared machine hit both sides alike.
+
 The last line is a JSON object: device, full_inputs_per_s, full_batch,
 speedup_at_half_point (the confident QuEE half point of the faster cost model,
 named in cost_model), device_runtime_speedup (the same),
@@ -151,6 +155,23 @@ def classify_full(fn, images, labels, batch):
   return np.asarray(jnp.concatenate(out))
 
 
+def interleaved_seconds(fns, reps) -> list[float]:
+  """Median seconds of each of fns, after a warm-up call of each, timed in turns whose order
+  rotates rep by rep: drift and load from elsewhere hit every one alike, so their ratios hold
+  on a busy machine better than timings taken one after the other."""
+  for fn in fns:
+    fn()  # compile and warm up
+  times = [[] for _ in fns]
+  for r in range(reps):
+    for i in np.roll(np.arange(len(fns)), -r):
+      t0 = time.perf_counter()
+      fns[i]()
+      times[i].append(time.perf_counter() - t0)
+  # At least one tick of the clock: every rate and ratio below divides by it.
+  tick = time.get_clock_info("perf_counter").resolution
+  return [max(float(np.median(t)), tick) for t in times]
+
+
 def median_seconds(fn, reps):
   fn()  # compile and warm up
   times = []
@@ -163,9 +184,10 @@ def median_seconds(fn, reps):
 
 
 def time_full_model(bb, params, level: str, test_x, test_y, time_x, opts: Options
-                    ) -> tuple[float, float, int]:
-  """(test accuracy, median seconds per input of time_x, batch) of the full model at its
-  fastest batch among max_batch and its halves down to an eighth; prints them."""
+                    ) -> tuple[float, float, int, object]:
+  """(test accuracy, median seconds per input of time_x, batch, a call timing it again) of the
+  full model at its fastest batch among max_batch and its halves down to an eighth; prints
+  them."""
   full = full_model_fn(bb, params, level)
   time_y = np.zeros(len(time_x), np.int32)
   per_input = lambda b, reps: median_seconds(
@@ -177,7 +199,7 @@ def time_full_model(bb, params, level: str, test_x, test_y, time_x, opts: Option
   print(f"full model ({level}, {bb.num_blocks} blocks): {1 / secs:.0f} inputs/s at batch"
         f" {batch} (fastest of " + ", ".join(f"{b}: {1 / s:.0f}" for b, s in quick.items())
         + f"), test accuracy {100 * acc:.2f}%")
-  return acc, secs, batch
+  return acc, secs, batch, lambda: classify_full(full, time_x, time_y, batch)
 
 
 def build_runners(bb, params, fitted, plan, test_x, opts: Options
@@ -332,10 +354,11 @@ def baseline_cases(fam, tables: dict, z: float, opts: Options, rng: np.random.Ge
 
 
 def time_cases(cases: list[Case], runners: dict, hosts: dict, fam, test, test_x, test_y, time_x,
-               full_acc: float, full_s: float, opts: Options) -> list[dict]:
+               full_acc: float, full_run, opts: Options) -> list[dict]:
   """Runs each case on the test split (accuracy, padding, and mismatches: exit state or
   prediction unlike the test table's) and times it on time_x, on the device runtime (and
-  QuEE's on the host runner); prints the table. full_s: the full model's seconds per input."""
+  QuEE's on the host runner) in turns with the full model (`full_run`: one pass over time_x
+  at its fastest batch), whose time of the same turns each ratio divides; prints the table."""
   names = list(fam.ladder)
   test = test.restrict(fam)
   cols = np.arange(test.num_samples)
@@ -353,10 +376,12 @@ def time_cases(cases: list[Case], runners: dict, hosts: dict, fam, test, test_x,
     else:
       run = lambda r, x, t: r.classify_confidence(x, t(c.level), t(c.thresholds))
     out = run(r, test_x, lambda a: a)
-    secs = median_seconds(lambda: run(r, time_x, tile), opts.reps) / len(time_x)
     host = hosts.get(c.cost_model) if c.policy == "quee" else None
-    host_s = (median_seconds(lambda: run(host, time_x, tile), opts.reps) / len(time_x)
-              if host is not None else None)
+    fns = [full_run, lambda: run(r, time_x, tile)]
+    if host is not None:
+      fns.append(lambda: run(host, time_x, tile))
+    full_s, secs, *host_s = [t / len(time_x) for t in interleaved_seconds(fns, opts.reps)]
+    host_s = host_s[0] if host_s else None
     mism = int(((c.sim_state != out.exit_state) | (test.pred[c.sim_state, cols] != out.pred)).sum())
     acc = float((out.pred == test_y).mean())
     cost = fam.cost if c.policy == "quee" else plain_cost
@@ -395,14 +420,14 @@ def bench(workdir: str, opts: Options) -> dict:
         f" {len(test_y)} test inputs (timed on {len(time_x)}); predictors {opts.variant} seed"
         f" {seed}")
   full_level = plan.ladder[fitted.family.top]
-  full_acc, full_s, full_batch = time_full_model(bb, params, full_level, test_x, test_y, time_x,
-                                                 opts)
+  full_acc, full_s, full_batch, full_run = time_full_model(bb, params, full_level, test_x,
+                                                           test_y, time_x, opts)
   runners, hosts, fits, timings = build_runners(bb, params, fitted, plan, test_x, opts)
   rng = np.random.default_rng(0)  # budget modes' per-sample coins
   cases = (quee_cases(fits, tables, plan.eval, z, opts, rng)
            + baseline_cases(fitted.family, tables, z, opts, rng))
   rows = time_cases(cases, runners, hosts, fitted.family, tables["test"], test_x, test_y, time_x,
-                    full_acc, full_s, opts)
+                    full_acc, full_run, opts)
   halves = [r for r in rows if r["policy"] == "quee" and r["point"] == "half point"]
   best = max(halves, key=lambda r: r["speedup"])
   computed = sum(r["rows_computed"] for r in rows)
