@@ -9,8 +9,9 @@ CPU computes (`quee_jax.runtime.device_check`; it stops at the first level
 that differs), then runs experiments.bench_runtime's timings for each (device
 runtime against the full model at its fastest batch, QuEE, the naive
 combination and the static levels; counted BOPs only, no host runner, no
-latency model: to fit in a few minutes). `--tile` repeats the test split so
-that batches of `--max_batch` (default 4096) fill up.
+latency model: to fit in a few minutes). It times on
+`--time_inputs` inputs (default 16,384: the test split repeated) so that
+batches of `--max_batch` (default 4096) fill up.
 
 Prints, for each work directory, the rows of the bench, and last one JSON
 line: per work directory the full model's inputs/s and batch, the runtime's
@@ -40,7 +41,7 @@ flags.DEFINE_integer("max_batch", 4096, "Samples per lane; the full model's larg
 flags.DEFINE_integer("min_chunk", 128, "The runtime's smallest chunk: fewer, larger chunks"
                      " suit an accelerator (each chunk size is one conditional per level and gate).")
 flags.DEFINE_integer("reps", 3, "Timed repetitions (median reported).")
-flags.DEFINE_integer("tile", 4, "Time on the test split repeated this many times.")
+flags.DEFINE_integer("time_inputs", 16384, "Time on this many inputs (the test split repeated).")
 flags.DEFINE_list("budgets", ["0.5", "0.25"], "Budget-mode budgets to time.")
 
 
@@ -69,7 +70,7 @@ def main(argv):
     opts = bench_runtime.Options(max_batch=FLAGS.max_batch, min_chunk=FLAGS.min_chunk,
                                  reps=FLAGS.reps,
                                  budgets=bench_runtime.costs_flag("budgets", FLAGS.budgets),
-                                 host=False, latency=False, tile=FLAGS.tile)
+                                 host=False, latency=False, time_inputs=FLAGS.time_inputs)
     for workdir in FLAGS.workdirs:
       print(f"\n== {workdir}")
       report = bench_runtime.bench(workdir, opts)

@@ -86,8 +86,9 @@ def define_flags() -> None:
                     " never a result).")
   flags.DEFINE_bool("host", True, "Also time the host-driven runner at QuEE's points.")
   flags.DEFINE_bool("latency", True, "Also measure the latency cost model and time QuEE under it.")
-  flags.DEFINE_integer("tile", 1, "Time on the test split repeated this many times (accuracy and"
-                       " mismatches are counted once): enough inputs for large batches.")
+  flags.DEFINE_integer("time_inputs", 0, "Time on this many inputs: the test split cut short, or"
+                       " repeated to fill large batches (accuracy and mismatches are counted on the"
+                       " whole test split once); 0: the test split as it is.")
 
 
 # The share of test samples on which the runner may differ from the simulation before the
@@ -110,13 +111,13 @@ class Options:
   test_chosen: tuple[float, ...] = ()
   host: bool = True
   latency: bool = True
-  tile: int = 1
+  time_inputs: int = 0  # 0: the test split
 
   def __post_init__(self):
-    for name in ("max_batch", "min_chunk", "reps", "tile"):
+    for name, low in (("max_batch", 1), ("min_chunk", 1), ("reps", 1), ("time_inputs", 0)):
       v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"--{name}: expected a positive integer, got {v!r}")
+      if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"--{name}: expected an integer >= {low}, got {v!r}")
 
 
 def load_workdir(workdir: str):
@@ -363,14 +364,13 @@ def time_cases(cases: list[Case], runners: dict, hosts: dict, fam, test, test_x,
   test = test.restrict(fam)
   cols = np.arange(test.num_samples)
   plain_cost = fam.cost - np.cumsum(fam.gate_overhead)[fam.gate]  # no predictors run
-  tiles = len(time_x) // len(test_x)
   rows = []
   print("\n| policy | cost model | operating point | start/level | inputs/s | vs full |"
         " vs host runner | test acc | acc drop | counted BOPs | padding | mismatches |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for c in cases:
     r = runners[c.cost_model]
-    tile = lambda a: None if a is None else np.concatenate([a] * tiles)
+    tile = lambda a: None if a is None else np.resize(a, (len(time_x), *np.shape(a)[1:]))
     if c.policy == "quee":
       run = lambda r, x, t: r.classify(x, t(c.lam), t(c.level))
     else:
@@ -414,7 +414,7 @@ def bench(workdir: str, opts: Options) -> dict:
     raise ValueError(f"--half_point_z: expected a finite number >= 0, got {z}")
   bb = models.backbone(plan.model)
   test_x, test_y = splits.test.images[:], np.asarray(splits.test.labels)
-  time_x = np.concatenate([test_x] * opts.tile)
+  time_x = np.resize(test_x, (opts.time_inputs or len(test_x), *test_x.shape[1:]))
   device = jax.devices()[0].device_kind
   print(f"device: {device} ({jax.default_backend()}, {len(jax.local_devices())} device(s));"
         f" {len(test_y)} test inputs (timed on {len(time_x)}); predictors {opts.variant} seed"
@@ -468,7 +468,7 @@ def main(argv):
                    FLAGS.max_drop,
                    FLAGS.half_point_z, costs_flag("budgets", FLAGS.budgets),
                    costs_flag("test_chosen", FLAGS.test_chosen), FLAGS.host, FLAGS.latency,
-                   FLAGS.tile)
+                   FLAGS.time_inputs)
     report = bench(FLAGS.workdir, opts)
   except (ValueError, device_check.DeviceMismatch) as e:
     sys.exit(f"error: {e}")

@@ -298,7 +298,7 @@ def test_bench_runtime_on_a_finished_workdir(finished, tmp_path):
 def test_accelerator_check_runs_on_a_cpu_too(finished):
   workdir, _ = finished
   cmd = [sys.executable, "-m", "experiments.accelerator_check", "--workdirs", str(workdir),
-         "--max_batch=64", "--min_chunk=16", "--reps=1", "--tile=2",
+         "--max_batch=64", "--min_chunk=16", "--reps=1", "--time_inputs=300",
          "--budgets=0.25"]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
