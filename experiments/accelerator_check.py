@@ -8,8 +8,8 @@ device that every precision level and the predictors compute what the host
 CPU computes (`quee_jax.runtime.device_check`; it stops at the first level
 that differs), then runs experiments.bench_runtime's timings for each (device
 runtime against the full model at its fastest batch, QuEE, the naive
-combination and the static levels; counted BOPs only, no host runner, no
-latency model: to fit in a few minutes). It times on
+combination and the static levels; counted BOPs only, no latency model: to
+fit in a few minutes). It times on
 `--time_inputs` inputs (default 16,384: the test split repeated) so that
 batches of `--max_batch` (default 4096) fill up.
 
@@ -70,7 +70,7 @@ def main(argv):
     opts = bench_runtime.Options(max_batch=FLAGS.max_batch, min_chunk=FLAGS.min_chunk,
                                  reps=FLAGS.reps,
                                  budgets=bench_runtime.costs_flag("budgets", FLAGS.budgets),
-                                 host=False, latency=False, time_inputs=FLAGS.time_inputs)
+                                 latency=False, time_inputs=FLAGS.time_inputs)
     for workdir in FLAGS.workdirs:
       print(f"\n== {workdir}")
       report = bench_runtime.bench(workdir, opts)

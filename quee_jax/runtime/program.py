@@ -20,7 +20,7 @@ The lane's exit states and predictions, with the rows computed and needed,
 come back to the host once per batch. No Python depends on the data, so a new
 batch of the same shape compiles nothing.
 
-Why chunks by binary decomposition and not padded buckets (the host runner
+Why chunks by binary decomposition and not padded buckets (the earlier host-driven runner
 padded each group to the next of x1.5/x2 steps, 16% extra rows on the
 Fashion-MNIST demo) or a `while_loop` over fixed chunks (one size for all:
 small chunks waste the device, large ones pad up to a chunk per group): it
