@@ -169,14 +169,8 @@ def interleaved_seconds(fns, reps) -> list[float]:
 
 
 def median_seconds(fn, reps):
-  fn()  # compile and warm up
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  # At least one tick of the clock: every rate and ratio below divides by it.
-  return max(float(np.median(times)), time.get_clock_info("perf_counter").resolution)
+  """Median seconds of fn after a warm-up call (`interleaved_seconds` of fn alone)."""
+  return interleaved_seconds([fn], reps)[0]
 
 
 def time_full_model(bb, params, level: str, test_x, test_y, time_x, opts: Options
@@ -352,7 +346,6 @@ def time_cases(cases: list[Case], runners: dict, fam, test, test_x, test_y, time
   names = list(fam.ladder)
   test = test.restrict(fam)
   cols = np.arange(test.num_samples)
-  plain_cost = fam.cost - np.cumsum(fam.gate_overhead)[fam.gate]  # no predictors run
   rows = []
   print("\n| policy | cost model | operating point | start/level | inputs/s | vs full |"
         " test acc | acc drop | counted BOPs | padding | mismatches |")
@@ -369,11 +362,13 @@ def time_cases(cases: list[Case], runners: dict, fam, test, test_x, test_y, time
     full_s, secs = [t / len(time_x) for t in interleaved_seconds(fns, opts.reps)]
     mism = int(((c.sim_state != out.exit_state) | (test.pred[c.sim_state, cols] != out.pred)).sum())
     acc = float((out.pred == test_y).mean())
-    cost = fam.cost if c.policy == "quee" else plain_cost
+    # Counted BOPs: QuEE's family costs (latency runners count time); a confidence run's own
+    # cost, which the runner counts without the predictors it does not run.
+    bops = fam.cost[out.exit_state] if c.policy == "quee" else out.cost
     row = {"policy": c.policy, "cost_model": c.cost_model, "point": c.point, "lambda": c.label,
            "start": names[int(c.level[0])], "inputs_per_s": 1 / secs, "speedup": full_s / secs,
            "accuracy": acc, "accuracy_drop": full_acc - acc,
-           "bops_cost": float(cost[out.exit_state].mean()), "mismatches": mism,
+           "bops_cost": float(bops.mean()), "mismatches": mism,
            "padding": out.padding, "rows_computed": out.rows_computed,
            "rows_needed": out.rows_needed, "mean_exit_gate": float(out.exit_gate.mean())}
     rows.append(row)
