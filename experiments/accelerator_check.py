@@ -15,7 +15,7 @@ batches of `--max_batch` (default 4096) fill up.
 
 Prints, for each work directory, the rows of the bench, and last one JSON
 line: per work directory the full model's inputs/s and batch, the runtime's
-ratio to it at λ = 0, the half point and each budget, test accuracy there,
+ratio to it at λ = 0, the certified half point (`--risk δ,ε`) and each budget, test accuracy there,
 compile seconds, padding and the largest share of samples deciding unlike
 the simulation. Exits with an error if the device check fails or the
 runtime differs from the simulation on more than 2% of the samples of a row.
@@ -43,6 +43,7 @@ flags.DEFINE_integer("min_chunk", 128, "The runtime's smallest chunk: fewer, lar
 flags.DEFINE_integer("reps", 3, "Timed repetitions (median reported).")
 flags.DEFINE_integer("time_inputs", 16384, "Time on this many inputs (the test split repeated).")
 flags.DEFINE_list("budgets", ["0.5", "0.25"], "Budget-mode budgets to time.")
+flags.DEFINE_list("risk", ["0.005", "0.1"], "δ,ε of the certified half point (bench_runtime's --risk).")
 
 
 def summary(report: dict) -> dict:
@@ -70,6 +71,7 @@ def main(argv):
     opts = bench_runtime.Options(max_batch=FLAGS.max_batch, min_chunk=FLAGS.min_chunk,
                                  reps=FLAGS.reps,
                                  budgets=bench_runtime.costs_flag("budgets", FLAGS.budgets),
+                                 risk=bench_runtime.risk_flag(FLAGS.risk),
                                  latency=False, time_inputs=FLAGS.time_inputs)
     for workdir in FLAGS.workdirs:
       print(f"\n== {workdir}")

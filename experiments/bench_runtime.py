@@ -12,16 +12,15 @@ it times, after warm-up, as the median of several repetitions:
     policy the protocol compares, at operating points chosen on cal:
       - QuEE under two cost models: counted BOPs (the evaluation's) and latency
         (the runtime's own chunk bodies timed here first, `runtime.latency_costs`):
-        λ = 0; the half point, the cheapest point whose cal accuracy is within
-        0.5 point of the full model's (`--max_drop`) with confidence: the paired
-        per-sample cal difference's mean minus z standard errors (`--half_point_z`,
-        default the config's `eval.fallback_z`) is at least -0.5 point, and the same
-        rule on the mean alone (z = 0), which a small cal split fools
-        (`protocol.half_point`); budget mode's point for each of `--budgets`;
+        λ = 0; the half point, the cheapest point certified on cal to lose at most
+        δ = 0.5 point against the full model with probability 1 - ε = 0.9 (`--risk
+        δ,ε`; risk control by Learn then Test, `protocol.choice.pick`), and the
+        cheapest whose cal mean alone is within δ, which promises nothing (its test
+        drop shows what certifying costs); budget mode's point for each of `--budgets`;
         with `--test_chosen`, the latency points most accurate on the TEST split
         within each given cost (`protocol.test_chosen`): an upper bound, never a result;
       - the naive combination (confidence thresholds per exit at one level, the
-        baseline QuEE has to beat): its half point by the same rule over every
+        baseline QuEE has to beat): its half points by the same rules over every
         configuration of every level, and its budget-mode mix for each budget;
       - every static level at full depth;
 For each it prints inputs/s, the ratio to the full model, test accuracy, counted
@@ -36,8 +35,9 @@ order rotating rep by rep, so that load and drift on a shared machine hit both
 sides alike.
 
 The last line is a JSON object: device, full_inputs_per_s, full_batch,
-speedup_at_half_point (the confident QuEE half point of the faster cost model,
-named in cost_model), device_runtime_speedup (the same), accuracy_drop, half_point_z,
+speedup_at_half_point (the certified QuEE half point of the faster cost model,
+named in cost_model; null where no point is certified), device_runtime_speedup (the
+same), accuracy_drop (its test drop), risk ([δ, ε]),
 compile_s (every program the runtime compiled), padding, every timed row, and
 the block timings per level (block_us_per_sample) with their spread.
 """
@@ -72,10 +72,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("min_chunk", 16, "The runtime's smallest chunk (its padding per level"
                        " group and gate is below it; `runtime.Runner`).")
   flags.DEFINE_integer("reps", 5, "Timed repetitions (median reported).")
-  flags.DEFINE_float("max_drop", 0.005, "Accuracy the half point may lose on cal (0.005 = 0.5 point).")
-  flags.DEFINE_float("half_point_z", None, "Standard errors of the paired cal difference the half"
-                     " point's accuracy must clear the drop by (default: the config's"
-                     " eval.fallback_z); a 'mean only' half point (z = 0) is timed beside it.")
+  flags.DEFINE_list("risk", ["0.005", "0.1"], "δ,ε: the half point is the cheapest point certified"
+                    " to lose at most δ (0.005 = 0.5 point) of the full model's accuracy with"
+                    " probability at least 1 - ε over the cal draw; a 'mean only' half point (cal"
+                    " mean within δ, no guarantee) is timed beside it.")
   flags.DEFINE_list("budgets", ["0.5", "0.25"], "Budget-mode budgets to time (fractions of BOPs).")
   flags.DEFINE_list("test_chosen", [], "Also time, under the latency cost model, the operating point"
                     " most accurate on TEST among those whose counted test cost is at most each of"
@@ -101,14 +101,18 @@ class Options:
   max_batch: int = 1024
   min_chunk: int = 16
   reps: int = 5
-  max_drop: float = 0.005
-  half_point_z: float | None = None
+  risk: tuple[float, float] = (0.005, 0.1)  # δ, ε
   budgets: tuple[float, ...] = (0.5, 0.25)
   test_chosen: tuple[float, ...] = ()
   latency: bool = True
   time_inputs: int = 0  # 0: the test split
 
   def __post_init__(self):
+    delta, eps = self.risk if len(self.risk) == 2 else (None, None)
+    if not (isinstance(delta, float) and isinstance(eps, float) and 0 < delta < 1
+            and 0 < eps < 1):
+      raise ValueError(f"--risk: expected δ,ε with δ in (0, 1) (0.005 = 0.5 point) and ε in"
+                       f" (0, 1), got {','.join(map(str, self.risk))}")
     for name, low in (("max_batch", 1), ("min_chunk", 1), ("reps", 1), ("time_inputs", 0)):
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -121,6 +125,14 @@ def load_workdir(workdir: str):
   splits = pipeline.config_splits(c, plan)
   params = pipeline.trained_params(c, plan, splits, workdir, {})  # finished: restored, not trained
   return c, plan, splits, params, tables
+
+
+def risk_flag(values) -> tuple[float, ...]:
+  """--risk's δ,ε as numbers (Options checks their ranges); ValueError naming the flag."""
+  try:
+    return tuple(float(v) for v in values)
+  except ValueError:
+    raise ValueError(f"--risk: expected two numbers δ,ε, got {','.join(values)}") from None
 
 
 def costs_flag(flag: str, values) -> tuple[float, ...]:
@@ -260,10 +272,10 @@ def simulated(fitted, test, lam: np.ndarray, start: np.ndarray) -> np.ndarray:
   return res.exit_state[row.reshape(-1), np.arange(test.num_samples)]
 
 
-def quee_cases(fits: dict, tables: dict, cfg: protocol.EvalConfig, z: float, opts: Options,
+def quee_cases(fits: dict, tables: dict, cfg: protocol.EvalConfig, opts: Options,
                rng: np.random.Generator) -> list[Case]:
-  """λ = 0 (BOPs); per cost model the half point (confidence z) and the mean-only one (z = 0);
-  budget mode's points (BOPs); the test-chosen points under each cap (latency)."""
+  """λ = 0 (BOPs); per cost model the certified half point and the mean-only one; budget mode's
+  points (BOPs); the test-chosen points under each cap (latency)."""
   fam = fits["bops"].family
   top, n = fam.top, tables["test"].num_samples
   cases = []
@@ -275,12 +287,17 @@ def quee_cases(fits: dict, tables: dict, cfg: protocol.EvalConfig, z: float, opt
     return Case("quee", name, point, f"{point} {detail}".strip(), lam, start, None, sim)
 
   for name, f in fits.items():
-    cal_sweep = f.sweep(tables["cal"], "cal", cfg.num_lambdas)
+    sweeps = {k: f.sweep(tables[k], k, cfg.num_lambdas) for k in ("fit", "cal", "test")}
     if name == "bops":
       cases.append(case(name, "λ=0", "", 0.0, top))
-    for label, zz in (("half point", z), ("mean-only half point", 0.0)):
-      lam, start = protocol.half_point(cal_sweep, cal_full, opts.max_drop, zz)
-      cases.append(case(name, label, f"λ={lam:.3g}", lam, start))
+    fit_full = protocol.baselines.full_model(tables["fit"])["accuracy"]
+    candidates = protocol.choice.Candidates.of_sweeps(sweeps["fit"], sweeps["cal"],
+                                                      sweeps["test"], fit_full)
+    for label, rule in HALF_POINTS:
+      i = protocol.choice.pick(candidates, cal_full, rule, *opts.risk)
+      if i >= 0:
+        lam, start = float(sweeps["cal"].lambdas[i]), int(sweeps["cal"].starts[i])
+        cases.append(case(name, label, f"λ={lam:.3g}", lam, start))
     if name == "bops":
       for b in opts.budgets:
         point = protocol.budget_point(f, tables["cal"], b)
@@ -288,22 +305,25 @@ def quee_cases(fits: dict, tables: dict, cfg: protocol.EvalConfig, z: float, opt
         cases.append(case(name, f"budget {b:g}", "",
                           np.where(coin, point.mix.lam_rich, point.mix.lam), point.start))
     if name == "latency" and opts.test_chosen:
-      test_sweep = f.sweep(tables["test"], "test", cfg.num_lambdas)  # one for every cap
       for cap in opts.test_chosen:
-        lam, start = protocol.test_chosen(test_sweep, cap)
+        lam, start = protocol.test_chosen(sweeps["test"], cap)
         cases.append(case(name, f"test-chosen cost<={cap:g}", f"λ={lam:.3g}", lam, start))
   return cases
 
 
-def baseline_cases(fam, tables: dict, z: float, opts: Options, rng: np.random.Generator
-                   ) -> list[Case]:
-  """The naive combination's half point (every confidence configuration of every level, the
-  same rule as QuEE's) and budget-mode mixes; every static level. Costs without predictors."""
+# (label, rule of `protocol.choice.pick`): the certified half point and the uncertified one.
+HALF_POINTS = (("half point", "certified"), ("mean-only half point", "mean_only"))
+
+
+def baseline_cases(fam, tables: dict, opts: Options, rng: np.random.Generator) -> list[Case]:
+  """The naive combination's half points (every confidence configuration of every level, the
+  same rules as QuEE's) and budget-mode mixes; every static level. Costs without predictors."""
   plain = fam.with_gate_overhead(np.zeros(fam.num_gates))
   t = {k: v.restrict(plain) for k, v in tables.items()}
   n = t["test"].num_samples
   points = [p for q in range(len(fam.ladder))
-            for p in baselines.confidence_exit(t["fit"], t["test"], q)]
+            for p in protocol.metrics.with_cal(baselines.confidence_exit(t["fit"], t["test"], q),
+                                               baselines.confidence_exit(t["fit"], t["cal"], q))]
   level_of = lambda param: fam.ladder.index(param["level"])
 
   def case(point, detail, params, coin):
@@ -313,19 +333,15 @@ def baseline_cases(fam, tables: dict, z: float, opts: Options, rng: np.random.Ge
     sim = np.choose(coin, [baselines.confidence_states_at(t["test"], p) for p in params])
     return Case("naive", "bops", point, f"{point} {detail}".strip(), None, level, thr, sim)
 
-  cal = t["cal"]
-  cal_rows = np.arange(cal.num_samples)
-  cal_correct = np.stack([cal.correct[baselines.confidence_states_at(cal, p["param"]), cal_rows]
-                          for p in points])
-  cal_cost = np.array([baselines.confidence_points_at(cal, p["param"])["cost"] for p in points])
-  cal_full = cal.correct[fam.chain(fam.top)[-1]]
+  candidates = protocol.choice.Candidates.of_confidence(points, t["fit"], t["cal"])
+  cal_full = t["cal"].correct[fam.chain(fam.top)[-1]]
   cases = []
-  for label, zz in (("half point", z), ("mean-only half point", 0.0)):
-    i = protocol.cheapest_within(cal_correct, cal_cost, cal_full, opts.max_drop, zz)
+  for label, rule in HALF_POINTS:
+    i = protocol.choice.pick(candidates, cal_full, rule, *opts.risk)
     if i >= 0:
       p = points[i]["param"]
       cases.append(case(label, f"{p['level']} r={p['ratio']:.3g}", [p], np.zeros(n, int)))
-  mixes = protocol.choice.naive_budget_mode(points, cal, opts.budgets)
+  mixes = protocol.choice.naive_budget_mode(points, opts.budgets)
   for b in opts.budgets:
     mix = mixes[protocol.metrics.budget_key(b)]
     if mix is not None:
@@ -386,9 +402,6 @@ def bench(workdir: str, opts: Options) -> dict:
   seed = plan.eval.seeds[0] if opts.seed is None else opts.seed
   fitted = protocol.load_variant(tables, opts.variant, seed, plan.eval,
                                  os.path.join(workdir, "predictors"))
-  z = plan.eval.fallback_z if opts.half_point_z is None else opts.half_point_z
-  if not (np.isfinite(z) and z >= 0):
-    raise ValueError(f"--half_point_z: expected a finite number >= 0, got {z}")
   bb = models.backbone(plan.model)
   test_x, test_y = splits.test.images[:], np.asarray(splits.test.labels)
   time_x = np.resize(test_x, (opts.time_inputs or len(test_x), *test_x.shape[1:]))
@@ -401,19 +414,20 @@ def bench(workdir: str, opts: Options) -> dict:
                                                            test_y, time_x, opts)
   runners, fits, timings = build_runners(bb, params, fitted, plan, test_x, opts)
   rng = np.random.default_rng(0)  # budget modes' per-sample coins
-  cases = (quee_cases(fits, tables, plan.eval, z, opts, rng)
-           + baseline_cases(fitted.family, tables, z, opts, rng))
+  cases = (quee_cases(fits, tables, plan.eval, opts, rng)
+           + baseline_cases(fitted.family, tables, opts, rng))
   rows = time_cases(cases, runners, fitted.family, tables["test"], test_x, test_y, time_x,
                     full_acc, full_run, opts)
   halves = [r for r in rows if r["policy"] == "quee" and r["point"] == "half point"]
-  best = max(halves, key=lambda r: r["speedup"])
+  best = max(halves, key=lambda r: r["speedup"]) if halves else dict.fromkeys(
+      ("speedup", "cost_model", "accuracy_drop"))  # nothing certified: no half point
   computed = sum(r["rows_computed"] for r in rows)
   return {"device": device, "backend": jax.default_backend(), "workdir": os.path.basename(
               os.path.normpath(workdir)), "full_inputs_per_s": 1 / full_s,
           "full_batch": full_batch, "full_accuracy": full_acc,
           "speedup_at_half_point": best["speedup"], "device_runtime_speedup": best["speedup"],
           "cost_model": best["cost_model"], "accuracy_drop": best["accuracy_drop"],
-          "half_point_z": z, "compile_s": sum(runners["bops"].compile_s.values()),
+          "risk": list(opts.risk), "compile_s": sum(runners["bops"].compile_s.values()),
           "padding": 1 - sum(r["rows_needed"] for r in rows) / max(computed, 1),
           **timings, "rows": rows, "num_test": len(test_y)}
 
@@ -440,8 +454,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax's restore chatter
   try:
     opts = Options(FLAGS.variant, FLAGS.seed, FLAGS.max_batch, FLAGS.min_chunk, FLAGS.reps,
-                   FLAGS.max_drop,
-                   FLAGS.half_point_z, costs_flag("budgets", FLAGS.budgets),
+                   risk_flag(FLAGS.risk), costs_flag("budgets", FLAGS.budgets),
                    costs_flag("test_chosen", FLAGS.test_chosen), FLAGS.latency,
                    FLAGS.time_inputs)
     report = bench(FLAGS.workdir, opts)

@@ -250,7 +250,8 @@ def test_changed_eval_value_reruns_only_evaluation(finished, tmp_path):
 def test_bench_runtime_on_a_finished_workdir(finished, tmp_path):
   workdir, _ = finished
   cmd = [sys.executable, "-m", "experiments.bench_runtime", "--workdir", str(workdir),
-         "--reps=1", "--max_batch=64", "--budgets=0.5", "--test_chosen=0.6"]
+         "--reps=1", "--max_batch=64", "--budgets=0.5", "--test_chosen=0.6",
+         "--risk=0.05,0.1"]  # a tiny cal split certifies 5 points, not 0.5
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
@@ -265,7 +266,7 @@ def test_bench_runtime_on_a_finished_workdir(finished, tmp_path):
           ("quee", "latency", "half point"), ("quee", "latency", "test-chosen cost<=0.6"),
           ("naive", "bops", "budget 0.5"), ("static", "bops", "float"),
           ("static", "bops", "w2a4")} <= names, names
-  assert report["half_point_z"] == 1.645  # the config's eval.fallback_z
+  assert report["risk"] == [0.05, 0.1]
   for row in report["rows"]:  # 200 test images: the runner decides as the simulation does
     assert row["mismatches"] <= 2, row
     assert row["start"] in ("float", "w8a8", "w4a4", "w2a4"), row
@@ -287,7 +288,8 @@ def test_bench_runtime_on_a_finished_workdir(finished, tmp_path):
   # message, not a traceback.
   for args, key in ((["--workdir", str(tmp_path)], "workdir"),
                     (["--workdir", str(workdir), "--test_chosen=half"], "--test_chosen"),
-                    (["--workdir", str(workdir), "--half_point_z=-1"], "--half_point_z")):
+                    (["--workdir", str(workdir), "--risk=0.005"], "--risk"),
+                    (["--workdir", str(workdir), "--risk=0.005,1.5"], "--risk")):
     out = subprocess.run([sys.executable, "-m", "experiments.bench_runtime", *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and f"error: {key}:" in out.stderr, out.stderr[-2000:]
@@ -297,7 +299,7 @@ def test_accelerator_check_runs_on_a_cpu_too(finished):
   workdir, _ = finished
   cmd = [sys.executable, "-m", "experiments.accelerator_check", "--workdirs", str(workdir),
          "--max_batch=64", "--min_chunk=16", "--reps=1", "--time_inputs=300",
-         "--budgets=0.25"]
+         "--budgets=0.25", "--risk=0.05,0.1"]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
@@ -310,22 +312,39 @@ def test_accelerator_check_runs_on_a_cpu_too(finished):
   assert res["quee"]["λ=0"]["accuracy_drop"] == 0.0 and res["quee"]["λ=0"]["speedup"] > 0
 
 
-def test_half_point_needs_confidence_that_the_drop_is_within_bounds():
-  half_point = q.protocol.half_point
+def test_the_half_point_is_certified_where_the_z_rule_and_the_mean_are_fooled():
+  choice = q.protocol.choice
   rng = np.random.default_rng(0)
-  full = rng.random(2000) < 0.8
+  n = 2000
+  full = rng.random(n) < 0.8
   # cheap: the same accuracy as the full model's, but right on other samples (noisy);
   # mid: wrong on 4 of the samples the full model gets right (a small, certain drop);
   # the full model's own point, dearest.
-  cheap = rng.random(2000) < 0.8
+  cheap = rng.random(n) < 0.8
   mid = full.copy()
   mid[np.flatnonzero(full)[:4]] = False
-  sweep = types.SimpleNamespace(correct=np.stack([cheap, mid, full]), lambdas=np.array([3., 1., 0.]),
-                                starts=np.array([2, 1, 0]),
-                                mean_cost=lambda: np.array([0.1, 0.5, 1.0]))
-  assert half_point(sweep, full, 0.005, z=0.0) == (3.0, 2)  # the mean alone takes the noise
-  assert half_point(sweep, full, 0.005, z=1.645) == (1.0, 1)
-  assert half_point(sweep, full, 0.001, z=1.645) == (0.0, 0)  # only the full model is sure
+  correct = np.stack([cheap, mid, full])
+  cost = np.array([0.1, 0.5, 1.0])
+  fit_drop = np.zeros(3)  # all lose nothing on fit: dearest first
+  c = choice.Candidates([{"i": i} for i in range(3)], fit_drop=fit_drop, fit_cost=cost,
+                        cal_cost=cost, cal_correct=correct, test_cost=cost,
+                        test_accuracy=correct.mean(axis=1))
+  assert choice.pick(c, full, "mean_only", 0.005, 0.1) == 0  # the mean alone takes the noise
+  assert choice.pick(c, full, "z_rule", 0.005, 0.1) == 1
+  assert choice.pick(c, full, "certified", 0.005, 0.1) == 1
+  # 2,000 samples cannot certify 0.1 point, not even for the full model's own point.
+  assert choice.pick(c, full, "certified", 0.001, 0.1) == -1
+  # Fixed sequence: once the first point in the order (dearest first among those that lose
+  # nothing on fit) fails, no other is tested.
+  noisy_first = choice.Candidates(c.params, fit_drop, np.array([2.0, 0.5, 1.0]), cost, correct,
+                                  cost, c.test_accuracy)
+  assert choice.pick(noisy_first, full, "certified", 0.005, 0.1) == -1
+  assert choice.pick(c, full, "certified", 0.2, 0.1) == 0  # a loose δ: the noisy point passes
+  table = choice.risk_choices(c, full, float(full.mean()), (0.005,), 0.1)
+  assert table["0.5"]["certified"]["param"] == {"i": 1}
+  assert table["0.5"]["mean_only"]["test_drop"] == pytest.approx(full.mean() - cheap.mean())
+  with pytest.raises(ValueError, match="rule"):
+    choice.pick(c, full, "bonferroni", 0.005, 0.1)
 
 
 def test_test_chosen_is_the_most_accurate_point_within_the_cap():
@@ -345,12 +364,14 @@ def test_in_sample_ceiling_on_a_finished_workdir(finished, tmp_path):
   report = json.loads(out.stdout.strip().splitlines()[-1])
   results = json.load(open(workdir / "results.json"))
   evaluated = results["methods"]["quee"]["seeds"][0]
-  assert report["fitted_on_fit"]["auc"] == evaluated["auc"]
-  assert report["naive"]["auc_16"] == results["methods"]["ee_confidence"]["auc_16"]
+  # Envelopes on test throughout: a bound compared with bounds.
+  assert report["fitted_on_fit"]["auc"] == evaluated["auc_test_envelope"]
+  assert report["naive"]["auc_16"] == results["methods"]["ee_confidence"]["auc_16_test_envelope"]
   fitted = report["fitted_on_test"]
   assert 0.1 <= fitted["auc_16"] <= results["methods"]["oracle_path"]["auc_16"]
   # Predictors fitted on other samples decide differently: the curve is not the evaluated one.
-  assert (fitted["auc"], fitted["acc_at_budget"]) != (evaluated["auc"], evaluated["acc_at_budget"])
+  assert ((fitted["auc"], fitted["acc_at_budget"])
+          != (evaluated["auc_test_envelope"], evaluated["acc_at_budget_test_envelope"]))
   for flag, key in (("--variant=quee_fast", "variant"), ("--seed=7", "seed")):
     out = subprocess.run([sys.executable, "-m", "experiments.ceiling", "--workdir", str(workdir),
                           flag], cwd=ROOT, capture_output=True, text=True, timeout=300)

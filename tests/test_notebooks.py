@@ -86,11 +86,12 @@ def test_api_tour_runs(tmp_path, monkeypatch):
   nb = run_small("api_tour")
   out = text(nb)
   for expected in ("'train': 500", "test accuracy (%) per exit", "float:", "w2a4:",
-                   "full model (float): test accuracy", "budget 0.0625: λ = "):
+                   "full model (float): test accuracy", "budget 0.0625: λ = ", "δ = 5 pt: "):
     assert expected in out, expected
   # The summary table: auc and auc_16 of QuEE and each baseline, in %.
-  rows = dict(re.findall(r"^(quee|ee_confidence \(naive\)|static|oracle_consistency) +(\d+\.\d+) ",
-                         out, re.M))
+  rows = dict(re.findall(
+      r"^(quee|ee_confidence \(naive\)|static|oracle_consistency \(on test\)) +(\d+\.\d+) ",
+      out, re.M))
   assert len(rows) == 4, out
   assert all(0 < float(auc) <= 100 for auc in rows.values()), rows
   figures = [o for o in outputs(nb) if "image/png" in o.get("data", {})]

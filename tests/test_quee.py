@@ -1,5 +1,6 @@
 """Targets, predictors, features, diagnostics and the whole evaluation on synthetic tables."""
 
+import dataclasses
 import json
 
 import jax
@@ -199,6 +200,30 @@ def test_evaluate_signal_recovery():
   assert gain(vis) > gain(hid) + 0.015, out
   assert raw(vis) > max(0.03, raw(hid) + 0.015), out  # raw 0/1 targets capture the signal too
   assert abs(hid["switch_after_first_block"]["auroc_hurt_among_right"] - 0.5) < 0.1, out
+  # The control blind to the post-switch features runs beside the hidden case.
+  blind = out["hidden_blind"]
+  assert {"quee", "quee_raw_targets", "naive", "exit_auroc"} <= set(blind), out
+  assert blind["naive"] == hid["naive"]  # the same planted tables; only the predictors differ
+
+
+def test_blind_features_are_invisible_to_the_predictors(tables):
+  # Whatever a blind column holds, the predictions (at w8a8, the predictors' level) are the
+  # same: the runtime, which feeds real features, decides as the blind simulation does.
+  cfg = protocol.EvalConfig(seeds=(0,), predictor=predictor.PredictorConfig(epochs=3),
+                            blind_features=protocol.evaluation.POST_SWITCH)
+  fitted = protocol.fit_variant(tables, "quee", 0, cfg)
+  fam = fitted.family
+  x = features.build_features(tables["test"].restrict(fam))
+  cols = protocol.fitting.blind_columns(tables["test"], protocol.evaluation.POST_SWITCH)
+  noisy = x.copy()
+  noisy[..., cols] = np.random.default_rng(0).normal(size=noisy[..., cols].shape) * 5
+  pred = lambda a: predictor.predict(fitted.params, a, fam.gate, "w8a8")
+  np.testing.assert_array_equal(pred(x), pred(noisy))
+  seeing = protocol.fit_variant(tables, "quee", 0, dataclasses.replace(cfg, blind_features=()))
+  assert not np.array_equal(predictor.predict(seeing.params, x, fam.gate, "w8a8"),
+                            predictor.predict(seeing.params, noisy, fam.gate, "w8a8"))
+  with pytest.raises(ValueError, match="blind_features: unknown \\['agreement'\\]"):
+    protocol.fit_variant(tables, "quee", 0, dataclasses.replace(cfg, blind_features=("agreement",)))
 
 
 def test_a_family_on_some_of_its_levels_keeps_their_states_and_costs(tables):
@@ -246,11 +271,21 @@ def test_evaluate_budget_mode_and_fallback(tables, tmp_path):
       else:
         # The paired per-sample difference averages to the difference of the cal accuracies.
         assert run["cal_gain"] == pytest.approx(own["cal_accuracy"] - naive["cal_accuracy"], abs=1e-9)
-        assert run["fallback"] == (run["cal_gain"] <= cfg.fallback_z * run["cal_gain_se"])
-        # QuEE's own point is kept only where it wins on cal by more than its noise.
+        # QuEE's own point is kept only where the paired test certifies it better on cal.
+        assert run["fallback"] == (run["p_value"] > cfg.risk_eps)
         assert run["fallback"] or run["cal_accuracy"] > naive["cal_accuracy"]
+        assert run["z_rule_fallback"] == (run["cal_gain"] <= 1.645 * run["cal_gain_se"])
       assert run["test_accuracy"] == (naive if run["fallback"] else own)["test_accuracy"]
   assert res["full_model"]["cost"] == pytest.approx(1.0, abs=1e-3)
+  # Risk control: per method, δ and rule, the point chosen on cal (or none), QuEE per seed.
+  risk = res["risk"]
+  assert risk["eps"] == cfg.risk_eps and set(risk["methods"]) == {"quee", "ee_confidence"}
+  for per_delta in (risk["methods"]["ee_confidence"], q_["seeds"][0]["risk"]):
+    assert set(per_delta) == {"0.25", "0.5", "1"}
+    for rules in per_delta.values():
+      assert set(rules) == {"certified", "z_rule", "mean_only"}
+      for p in filter(None, rules.values()):
+        assert p["test_drop"] == pytest.approx(res["full_model"]["accuracy"] - p["test_accuracy"])
   oracle = res["methods"]["oracle_path"]
   assert oracle["auc"] >= max(m["auc"] for m in res["methods"].values())
 
@@ -260,11 +295,13 @@ def test_budget_entry_json_keeps_the_saved_layout():
                            protocol.Outcome(0.25, 0.8, 0.26, 0.79))
   param = {"level": "float", "ratio": 1.0, "thresholds": [0.9, float("inf")]}
   naive = protocol.NaiveMix(param, param, 0.0, protocol.Outcome(0.2, 0.81, 0.21, 0.8))
-  fell = protocol.BudgetEntry(own, naive, fallback=True, cal_gain=-0.01, cal_gain_se=0.01)
+  fell = protocol.BudgetEntry(own, naive, fallback=True, cal_gain=-0.01, cal_gain_se=0.01,
+                              p_value=0.9, z_rule_fallback=True)
   d = fell.to_json()
-  # The chosen point's numbers first (the naive one's here), QuEE's own under "policy".
-  assert list(d) == ["cal_gain", "cal_gain_se", "cal_cost", "cal_accuracy", "test_cost",
-                     "test_accuracy", "fallback", "policy", "naive"]
+  # The paired test, then the chosen point's numbers (the naive one's here), QuEE's own under
+  # "policy".
+  assert list(d) == ["cal_gain", "cal_gain_se", "p_value", "z_rule_fallback", "cal_cost",
+                     "cal_accuracy", "test_cost", "test_accuracy", "fallback", "policy", "naive"]
   assert d["test_accuracy"] == 0.8 and d["policy"]["test_accuracy"] == 0.79
   assert list(d["policy"])[:4] == ["start", "lambda", "lambda_rich", "p_rich"]
   assert protocol.BudgetEntry.from_json(json.loads(json.dumps(d))) == fell

@@ -44,9 +44,10 @@ def base_config(dataset: str, splits: dict, model: dict, backbone: dict,
       variants=("quee", "quee_raw_targets", "quee_exit_only", "quee_quant_only"),
       budgets=(1 / 16, 1 / 8, 1 / 4, 1 / 2),  # budget mode's targets (full model = 1)
       soft_floor=0.01,  # the policy's τ: what a cheaper path predicted no worse still pays
-      # Budget mode keeps QuEE's own point only if it wins on cal by more than this many
-      # standard errors of the paired difference; otherwise the naive combination's.
-      fallback_z=1.645,
+      # Risk control's ε: a certified promise ("at most δ below the full model", "QuEE's
+      # budget point beats the naive one") fails with probability at most ε over the cal draw.
+      risk_eps=0.1,
+      risk_deltas=(0.0025, 0.005, 0.01),  # the drops the risk section certifies (0.005 = 0.5 pt)
       predictor=dict(hidden=16, epochs=40, batch_size=128, learning_rate=3e-3,
                      weight_decay=1e-4, val_fraction=0.2, patience=6, level="w8a8", seed=0),
       # Semi-synthetic signal-recovery check ("" to skip), with its own seeds.

@@ -14,7 +14,7 @@ part of the fit split for early stopping. Saved and restored with orbax.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -109,10 +109,13 @@ def _loss(params, x, targets, mask, gates):
   return jnp.sum(bce * m) / jnp.maximum(m.sum(), 1)
 
 
-def train(x: np.ndarray, targets: np.ndarray, family: PathFamily, cfg: PredictorConfig
-          ) -> tuple[Params, dict]:
+def train(x: np.ndarray, targets: np.ndarray, family: PathFamily, cfg: PredictorConfig,
+          blind: Sequence[int] = ()) -> tuple[Params, dict]:
   """Fits the per-gate MLPs to targets [S, N, C] from features x [S, N, F].
 
+  blind: feature columns the predictor must not see: their std is infinite, so their
+    standardized input is 0 whatever they hold, in training and wherever the parameters run
+    (the runtime included), exactly even under quantization.
   Returns the parameters with the best held-out loss, and a history dict (its
   `val_samples` are the held-out fit samples, e.g. for `shrinkage`).
   """
@@ -130,7 +133,9 @@ def train(x: np.ndarray, targets: np.ndarray, family: PathFamily, cfg: Predictor
   params = init(jax.random.key(cfg.seed), family.num_gates, F, len(family.candidates), cfg.hidden)
   flat = x[:, tr].reshape(-1, F)
   params["mean"] = jnp.asarray(flat.mean(0))
-  params["std"] = jnp.asarray(np.where(flat.std(0) > 1e-6, flat.std(0), 1.0))
+  std = np.where(flat.std(0) > 1e-6, flat.std(0), 1.0)
+  std[list(blind)] = np.inf
+  params["std"] = jnp.asarray(std)
   mask, gates = jnp.asarray(family.cand_mask, jnp.float32), jnp.asarray(family.gate)
   steps_per_epoch = len(tr) // cfg.batch_size
   opt = optax.adamw(optax.cosine_decay_schedule(cfg.learning_rate, cfg.epochs * steps_per_epoch),

@@ -99,7 +99,8 @@ def make_plan(c: ml_collections.ConfigDict, stages=STAGES) -> Plan:
   eval_cfg = checked("eval", protocol.EvalConfig, seeds=tuple(ev.seeds), predictor=pred,
                      min_cluster=ev.min_cluster, max_clusters=ev.max_clusters, alpha=ev.alpha,
                      variants=tuple(ev.variants), budgets=tuple(ev.budgets),
-                     soft_floor=ev.soft_floor, fallback_z=ev.fallback_z)
+                     soft_floor=ev.soft_floor, risk_eps=ev.risk_eps,
+                     risk_deltas=tuple(ev.risk_deltas))
   if ev.signal_level and precision.canonical_name(ev.signal_level) not in ladder:
     raise ValueError(f"--config.eval.signal_level: expected a level of the ladder"
                      f" {list(ladder)} or '', got {ev.signal_level!r}")

@@ -1,12 +1,13 @@
 """The evaluation protocol: every method on the same fit / cal / test tables.
 
   baselines    full model, static levels, confidence exits (the naive combination), oracles
-  metrics      log-budget auc, accuracy at budgets, AUROC, ECE
+  metrics      curves chosen on cal, read on test: log-budget auc, accuracy at budgets; AUROC, ECE
   diagnostics  when QuEE can win: exit-error AUROC, hurt/helped separability, flips
   synthetic    tables with a planted per-sample precision signal
   config       EvalConfig, QuEE's variants, the results version
   fitting      a QuEE variant's predictors fitted (or loaded) with their predictions: Fitted
-  choice       operating points chosen on cal: budget mode's (QuEE's, the naive one's), half point
+  risk         risk control (Learn then Test): points certified at most δ below the full model
+  choice       operating points chosen on cal: budget mode's (QuEE's, the naive one's), within δ
   storage      saved (variant, seed) runs (SeedRun) and the cache of them under predictors/
   evaluation   QuEE's variants and every baseline -> the results dict (results.json)
   report       markdown tables of a results dict
@@ -24,18 +25,21 @@ from quee_jax.protocol import (
   fitting,
   metrics,
   report,
+  risk,
   storage,
   synthetic,
 )
 from quee_jax.protocol.choice import (
   BudgetEntry,
   BudgetPoint,
+  Candidates,
   NaiveMix,
   Outcome,
   PolicyMix,
   budget_point,
   cheapest_within,
-  half_point,
+  pick,
+  risk_choices,
   test_chosen,
 )
 from quee_jax.protocol.config import RESULTS_VERSION, VARIANTS, EvalConfig

@@ -1,9 +1,11 @@
 """QuEE and every baseline on fit / cal / test state tables: the results dict.
 
 `evaluate(fit, cal, test, cfg)` trains the error predictors on the fit table
-(for each seed and each QuEE variant), sweeps λ on test, picks λ on cal for
-each budget, runs the baselines and oracles on the same tables, measures the
-diagnostics, and returns what `results.json` holds (see `docs/method.md`).
+(for each seed and each QuEE variant), sweeps their operating points on cal and
+test, chooses on cal (each budget's point on the curves, budget mode, the points
+risk control certifies) and reports on test, runs the baselines and oracles on
+the same tables, measures the diagnostics, and returns what `results.json`
+holds (see `docs/method.md`).
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ from quee_jax.core.table import StateTable
 from quee_jax.gating import targets
 from quee_jax.protocol import baselines, diagnostics, metrics, storage, synthetic
 from quee_jax.protocol.choice import (
+  Z_RULE,
   BudgetEntry,
+  Candidates,
   NaiveMix,
   Outcome,
   PolicyMix,
+  better_pvalue,
   budget_point,
   naive_budget_mode,
+  risk_choices,
 )
 from quee_jax.protocol.config import VARIANTS, EvalConfig
 from quee_jax.protocol.fitting import Fitted, fit_clusters, fit_variant
@@ -53,10 +59,13 @@ def evaluate(fit: StateTable, cal: StateTable, test: StateTable, cfg: EvalConfig
     storage.claim(save_dir, storage.fingerprint(fit, cal, test, cfg))
   num_classes = int(test.backbone.get("num_classes", test.labels.max() + 1))
   tables = {"fit": fit, "cal": cal, "test": test}
-  methods, envelope = _baselines(fit, test, cfg.budgets, num_classes)
-  naive = naive_budget_mode(envelope, cal, cfg.budgets)
+  methods, confidence = _baselines(fit, cal, test, cfg.budgets, num_classes)
+  naive = naive_budget_mode(confidence, cfg.budgets)
   methods["ee_confidence"]["budget_mode"] = {k: None if m is None else m.to_json()
                                              for k, m in naive.items()}
+  methods["ee_confidence"]["risk"] = risk_choices(
+      Candidates.of_confidence(confidence, fit, cal), _full_correct(cal),
+      baselines.full_model(test)["accuracy"], cfg.risk_deltas, cfg.risk_eps)
   details = None  # of the one run that reports them
   assigns = {}  # seed -> clusters, shared by the variants with soft targets
   for variant in cfg.variants:
@@ -71,34 +80,47 @@ def evaluate(fit: StateTable, cal: StateTable, test: StateTable, cfg: EvalConfig
   full = baselines.full_model(test)
   return {
       **(meta or {}),
-      "split_sizes": {k: t.num_samples for k, t in tables.items()},
+      "split_sizes": {k: t.num_samples for k, t in tables.items()}, "num_classes": num_classes,
       "ladder": list(fam.ladder), "family": fam.name, "cost_unit": fam.costs.unit,
       "float_bits": fam.costs.float_bits, "seeds": list(cfg.seeds),
       "full_model": {"accuracy": full["accuracy"], "cost": full["cost"], "level": full["level"]},
       "overhead": {"heads_and_predictors_all_gates":
                    None if details is None else details.heads_and_predictors},
       "methods": methods, "diagnostics": {} if details is None else details.diagnostics,
+      # Per δ and rule, the point each method's rule picks on cal (`choice.risk_choices`).
+      "risk": {"eps": cfg.risk_eps, "methods": {k: m["risk"] for k, m in methods.items()
+                                                if "risk" in m}},
   }
 
 
-def _baselines(fit: StateTable, test: StateTable, budgets: Sequence[float],
+def _full_correct(table: StateTable) -> np.ndarray:
+  """[N] the full model's per-sample correctness on a table."""
+  fam = table.family
+  return table.correct[fam.chain(fam.top)[-1]]
+
+
+def _baselines(fit: StateTable, cal: StateTable, test: StateTable, budgets: Sequence[float],
                num_classes: int) -> tuple[dict[str, dict], list[dict]]:
   """(results.json's methods entry of every baseline and oracle, the confidence-exit points
-  of every start level)."""
+  of every level with their cal and test numbers: the naive combination's)."""
   summarize = lambda pts: metrics.summarize(pts, num_classes, budgets)
-  static = baselines.static(test)
+  static = metrics.with_cal(baselines.static(test), baselines.static(cal))
   methods = {"static": {"points": static, **summarize(static)}}
-  envelope = []
+  confidence = []
   for q, level in enumerate(test.family.ladder):
-    pts = baselines.confidence_exit(fit, test, q)
-    envelope += pts
+    # Thresholds fitted on fit, the same for cal and test: the same points in the same order.
+    pts = metrics.with_cal(baselines.confidence_exit(fit, test, q),
+                           baselines.confidence_exit(fit, cal, q))
+    confidence += pts
     methods[f"ee_confidence@{level}"] = {"points": pts, **summarize(pts)}
-  methods["ee_confidence"] = {"points": metrics.pareto(envelope), **summarize(envelope)}
+  methods["ee_confidence"] = {"points": confidence, **summarize(confidence)}
+  # The oracles know the test outcomes: they choose on test by definition.
   for name, fn in (("oracle_path", baselines.path_oracle),
                    ("oracle_consistency", baselines.consistency_oracle)):
     pts = fn(test)
-    methods[name] = {"points": metrics.pareto(pts), **summarize(pts)}
-  return methods, envelope
+    methods[name] = {"points": metrics.pareto(pts),
+                     **metrics.envelope(pts, num_classes, budgets)}
+  return methods, confidence
 
 
 def _variant_runs(variant: str, tables: dict[str, StateTable], naive: dict[str, NaiveMix | None],
@@ -117,7 +139,7 @@ def _variant_runs(variant: str, tables: dict[str, StateTable], naive: dict[str, 
       if kind == "soft" and seed not in assigns:
         assigns[seed] = fit_clusters(tables["fit"], seed, cfg)
       fitted = fit_variant(tables, variant, seed, cfg, assigns.get(seed))
-      run = _run(fitted, tables["cal"], tables["test"], naive, cfg, num_classes,
+      run = _run(fitted, tables, naive, cfg, num_classes,
                  details=seed == cfg.seeds[0] and variant == "quee")
       if save_dir:
         storage.save_run(save_dir, variant, seed, run, fitted.params)
@@ -125,16 +147,23 @@ def _variant_runs(variant: str, tables: dict[str, StateTable], naive: dict[str, 
   return runs
 
 
-def _run(fitted: Fitted, cal: StateTable, test: StateTable, naive: dict[str, NaiveMix | None],
+def _run(fitted: Fitted, tables: dict[str, StateTable], naive: dict[str, NaiveMix | None],
          cfg: EvalConfig, num_classes: int, details: bool) -> SeedRun:
-  """One seed of one variant on test: its λ sweep, summary and budget mode.
+  """One seed of one variant: its operating points on cal and test, the curve, budget mode and
+  risk control chosen on cal.
 
   details: also the diagnostics and calibration (reported for one run).
   """
-  pts = fitted.sweep(test, "test", cfg.num_lambdas).points()
-  run = SeedRun(points=pts, **metrics.summarize(pts, num_classes, cfg.budgets),
-                budget_mode=_budget_mode(fitted, cal, test, cfg.budgets, naive, cfg.fallback_z),
-                predictor_epochs=fitted.history["epochs"],
+  cal, test = tables["cal"], tables["test"]
+  sweeps = {k: fitted.sweep(t, k, cfg.num_lambdas) for k, t in tables.items()}
+  pts = metrics.with_cal(sweeps["test"].points(), sweeps["cal"].points())
+  fit_full = float(_full_correct(tables["fit"]).mean())
+  risk = risk_choices(Candidates.of_sweeps(sweeps["fit"], sweeps["cal"], sweeps["test"], fit_full),
+                      _full_correct(cal), baselines.full_model(test)["accuracy"],
+                      cfg.risk_deltas, cfg.risk_eps)
+  run = SeedRun(points=pts, summary=metrics.summarize(pts, num_classes, cfg.budgets),
+                budget_mode=_budget_mode(fitted, cal, test, cfg.budgets, naive, cfg.risk_eps),
+                risk=risk, predictor_epochs=fitted.history["epochs"],
                 predictor_cost_per_gate=float(fitted.family.gate_overhead[0]),
                 details=_details(fitted, cal, test) if details else None)
   # Through JSON, so that a fresh run and one loaded from disk are the same values.
@@ -156,9 +185,9 @@ def _details(fitted: Fitted, cal: StateTable, test: StateTable) -> RunDetails:
 
 
 def _budget_mode(fitted: Fitted, cal: StateTable, test: StateTable, budgets: Sequence[float],
-                 naive: dict[str, NaiveMix | None], fallback_z: float) -> dict[str, BudgetEntry]:
+                 naive: dict[str, NaiveMix | None], eps: float) -> dict[str, BudgetEntry]:
   """(start level, λ mix) chosen on cal per budget; falls back to the naive combination unless
-  QuEE's point beats it on cal by more than `fallback_z` standard errors of the paired difference.
+  a paired test on cal certifies QuEE's point more accurate at level eps (`better_pvalue`).
 
   naive: the naive combination's budget mode (`choice.naive_budget_mode`).
   """
@@ -174,9 +203,11 @@ def _budget_mode(fitted: Fitted, cal: StateTable, test: StateTable, budgets: Seq
     if naive_point is None:
       out[key] = BudgetEntry(own, None, fallback=False)
       continue
-    gain, se = metrics.paired_gain(cal_correct, naive_point.correct(cal))
-    out[key] = BudgetEntry(own, naive_point, fallback=not gain > fallback_z * se, cal_gain=gain,
-                           cal_gain_se=se)
+    naive_correct = naive_point.correct(cal)
+    gain, se = metrics.paired_gain(cal_correct, naive_correct)
+    p = better_pvalue(cal_correct, naive_correct, eps)
+    out[key] = BudgetEntry(own, naive_point, fallback=p > eps, cal_gain=gain, cal_gain_se=se,
+                           p_value=p, z_rule_fallback=not gain > Z_RULE * se)
   return out
 
 
@@ -189,17 +220,58 @@ def _variant_method(runs: Sequence[SeedRun], seeds: Sequence[int]) -> dict:
 
 
 def _aggregate(per_seed: Sequence[SeedRun]) -> dict:
-  """Mean and spread (max - min over seeds) of the summary numbers."""
-  keys = ("auc", "auc_16", "min_cost")
-  out = {k: float(np.mean([getattr(s, k) for s in per_seed])) for k in keys}
-  out.update({f"{k}_spread": float(np.ptp([getattr(s, k) for s in per_seed])) for k in keys})
-  out["acc_at_budget"] = {b: float(np.mean([s.acc_at_budget[b] for s in per_seed]))
-                          for b in per_seed[0].acc_at_budget}
+  """Means over seeds of the summary numbers, spreads (max - min) of the aucs and min cost, and
+  risk control's choices."""
+  summaries = [s.summary for s in per_seed]
+  keys = ("auc", "auc_16", "min_cost", "auc_test_envelope", "auc_16_test_envelope")
+  out = {k: float(np.mean([s[k] for s in summaries])) for k in keys}
+  out.update({f"{k}_spread": float(np.ptp([s[k] for s in summaries]))
+              for k in ("auc", "auc_16", "min_cost")})
+  for k in ("acc_at_budget", "acc_at_budget_test_envelope"):
+    out[k] = {b: float(np.mean([s[k][b] for s in summaries])) for b in summaries[0][k]}
+  # A budget no seed's cal reaches has no cost; otherwise the mean over the seeds that do.
+  out["cost_at_budget"] = {b: _mean_or_none([s["cost_at_budget"][b] for s in summaries])
+                           for b in summaries[0]["cost_at_budget"]}
+  out["curve"] = _mean_curve([s["curve"] for s in summaries])
+  out["risk"] = _mean_risk([s.risk for s in per_seed])
+  return out
+
+
+def _mean_curve(per_seed: Sequence[list]) -> list[list[float]]:
+  """The curves' mean test cost and accuracy per budget, over the seeds whose cal reaches it."""
+  by_budget = {}
+  for curve in per_seed:
+    for b, c, a in curve:
+      by_budget.setdefault(b, []).append((c, a))
+  return [[b, float(np.mean([c for c, _ in v])), float(np.mean([a for _, a in v]))]
+          for b, v in sorted(by_budget.items(), reverse=True)]
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+  values = [v for v in values if v is not None]
+  return float(np.mean(values)) if values else None
+
+
+def _mean_risk(per_seed: Sequence[dict]) -> dict:
+  """Risk control over seeds: per δ and rule, the mean test cost and drop of the chosen points,
+  the worst seed's drop, and how many seeds have one."""
+  out = {}
+  for delta, rules in per_seed[0].items():
+    out[delta] = {}
+    for rule in rules:
+      picked = [s[delta][rule] for s in per_seed if s[delta][rule] is not None]
+      out[delta][rule] = None if not picked else {
+          "test_cost": float(np.mean([p["test_cost"] for p in picked])),
+          "cal_cost": float(np.mean([p["cal_cost"] for p in picked])),
+          "test_drop": float(np.mean([p["test_drop"] for p in picked])),
+          "test_drop_max": float(max(p["test_drop"] for p in picked)),
+          "seeds": len(picked)}
   return out
 
 
 def _mean_budget_mode(per_seed: Sequence[dict[str, BudgetEntry]]) -> dict:
-  """Budget mode over seeds: means of the chosen points, fallbacks, QuEE's own points."""
+  """Budget mode over seeds: means of the chosen points, fallbacks, QuEE's own points, and what
+  the z-rule of earlier versions would have run."""
   out = {}
   for key in per_seed[0]:
     entries = [s[key] for s in per_seed]
@@ -211,11 +283,15 @@ def _mean_budget_mode(per_seed: Sequence[dict[str, BudgetEntry]]) -> dict:
         "test_accuracy_spread": float(np.ptp([c.test_accuracy for c in chosen])),
         "cal_cost": float(np.mean([c.cal_cost for c in chosen])),
         "fallbacks": int(sum(e.fallback for e in entries)),
-        # QuEE's own cal-chosen mix, kept or not, and how much it won by on cal.
+        # QuEE's own cal-chosen mix, kept or not, and the paired test on cal.
         "policy": {k: float(np.mean([getattr(o, k) for o in own]))
                    for k in ("cal_cost", "test_cost", "test_accuracy")},
         "cal_gain": [e.cal_gain for e in entries],
         "cal_gain_se": [e.cal_gain_se for e in entries],
+        "p_value": [e.p_value for e in entries],
+        "z_rule": {"fallbacks": int(sum(bool(e.z_rule_fallback) for e in entries)),
+                   "test_accuracy": float(np.mean([e.z_rule_chosen.test_accuracy
+                                                   for e in entries]))},
         "naive": None if naive is None else naive.to_json(),
     }
   return out
@@ -231,6 +307,11 @@ def signal_recovery(fit: StateTable, cal: StateTable, test: StateTable, level: s
   w2a4), and the check would test the ladder instead of the machinery. With the
   signal visible QuEE should beat the naive combination clearly and the switch
   diagnostics should show it; hidden, both should fall back to the envelope.
+
+  Three cases: "visible" (the planted variable is a feature), "hidden" (it is not, but the
+  post-switch features, recomputed from the planted outcome, still tell a switch that hurt:
+  real information at run time, read after the switch) and "hidden_blind" (hidden, and the
+  predictors blind to the post-switch features, `POST_SWITCH`): the "no signal" control.
   """
   top = fit.family.ladder[fit.family.top]
   level = precision.canonical_name(level)
@@ -243,20 +324,29 @@ def signal_recovery(fit: StateTable, cal: StateTable, test: StateTable, level: s
   # Both kinds of target: a sharp per-sample signal that k-means clusters do not resolve is
   # averaged away by the discretized targets and kept by the raw ones.
   learned = ("quee", "quee_raw_targets")
-  small = dataclasses.replace(cfg, variants=learned)
-  for visible in (True, False):
+  for case, visible, blind in (("visible", True, ()), ("hidden", False, ()),
+                               ("hidden_blind", False, POST_SWITCH)):
+    small = dataclasses.replace(cfg, variants=learned, blind_features=blind)
     planted = [synthetic.plant_signal(t, level, seed=i, visible=visible)
                for i, t in enumerate((fit, cal, test))]
-    res = evaluate(*planted, small, save_dir=save_dir and os.path.join(
-        save_dir, "visible" if visible else "hidden"))
+    res = evaluate(*planted, small, save_dir=save_dir and os.path.join(save_dir, case))
     naive = res["methods"]["ee_confidence"]
-    switches = [e for e in res["diagnostics"]["test"]["switch_signal"]
+    test_diag = res["diagnostics"]["test"]
+    switches = [e for e in test_diag["switch_signal"]
                 if e["gate"] == 0 and e["from"] == top and e["to"] == level]
-    out["visible" if visible else "hidden"] = {
+    out[case] = {
         **{v: {k: res["methods"][v][k] for k in ("auc", "auc_16", "auc_spread", "auc_16_spread",
                                                  "min_cost", "acc_at_budget", "budget_mode")}
            for v in learned},
         "naive": {k: naive[k] for k in ("auc", "auc_16", "min_cost", "acc_at_budget")},
         "switch_after_first_block": switches[0] if switches else None,
+        # How well QuEE's predictions rank exit errors per gate: after a switch, the
+        # post-switch features are what can reveal a planted harm.
+        "exit_auroc": test_diag["exit_auroc"],
     }
   return out
+
+
+# The features computed after a level change from the exits before and after it
+# (`features.assemble`): what the planted-signal check's blind control hides.
+POST_SWITCH = ("agree_switch", "dconf_switch")

@@ -49,10 +49,25 @@ def predictors_path(save_dir: str, variant: str, seed: int) -> str:
   return os.path.join(save_dir, variant, f"seed_{seed}")
 
 
+def blind_columns(table: StateTable, names) -> list[int]:
+  """Indices of the named predictor inputs (`features.feature_names`); ValueError naming any
+  name that is not one."""
+  all_names = features.feature_names(table)
+  unknown = [n for n in names if n not in all_names]
+  if unknown:
+    raise ValueError(f"blind_features: unknown {unknown}; expected some of {all_names}")
+  return [all_names.index(n) for n in names]
+
+
 def fit_clusters(fit: StateTable, seed: int, cfg: EvalConfig) -> np.ndarray:
-  """[S, N] clusters of the fit samples at every state of the collected family."""
-  return targets.clusters(features.build_features(fit, cluster_only=True),
-                          targets.candidate_errors(fit), min_cluster=cfg.min_cluster,
+  """[S, N] clusters of the fit samples at every state of the collected family (blind
+  features held constant: they cannot shape the clusters)."""
+  x = features.build_features(fit, cluster_only=True)
+  blind = blind_columns(fit, cfg.blind_features)
+  if blind:
+    x = x.copy()
+    x[..., blind] = 0.0
+  return targets.clusters(x, targets.candidate_errors(fit), min_cluster=cfg.min_cluster,
                           max_clusters=cfg.max_clusters, seed=seed)
 
 
@@ -90,7 +105,8 @@ def fit_variant(tables: dict[str, StateTable], variant: str = "quee", seed: int 
   else:
     y = errors
   pcfg = dataclasses.replace(cfg.predictor, seed=seed)
-  params, history = predictor.train(x_fit, y, fam, pcfg)
+  params, history = predictor.train(x_fit, y, fam, pcfg,
+                                    blind=blind_columns(fit, cfg.blind_features))
   if cfg.shrink:
     val = history["val_samples"]
     raw = predictor.predict(params, x_fit[:, val], fam.gate, pcfg.level)

@@ -2,17 +2,23 @@
 
 Cost savings are multiplicative, so curves are read on a log-cost axis: `auc`
 is the mean over budgets c = 2^(-k/4), k = 0..24 (1 down to 1/64), of acc(c),
-the best accuracy among a method's points whose mean cost is at most c
-(1/num_classes where it has none); `auc_16` is the same over k = 0..16
-(budgets 1 to 1/16). `min_cost` says how cheap a method goes, which the auc
-rewards.
+and `auc_16` the same over k = 0..16 (budgets 1 to 1/16). acc(c) is the TEST
+accuracy of the operating point chosen on CAL for budget c (`best_mix`: the
+point, or mix of two, most accurate on cal whose expected cal cost is at most
+c), or 1/num_classes where no point is within c on cal (`summarize`). The test
+split chooses nothing: its best point within c (`envelope`) flatters a method
+the more points it has, and is kept only as a labelled diagnostic
+(`*_test_envelope`) and for the oracles, which choose on test by definition.
+`min_cost` says how cheap a method goes, which the auc rewards.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
+
+from quee_jax.gating import policy
 
 BUDGETS = tuple(2.0 ** (-k / 4) for k in range(25))
 BUDGETS_16 = BUDGETS[:17]
@@ -36,23 +42,111 @@ def check_budgets(budgets: Sequence[float], arg: str = "budgets") -> tuple[float
   return budgets
 
 
+class Mix(NamedTuple):
+  """Operating point `cheap` for each sample, or `rich` with probability p_rich (a per-sample
+  coin), so that the expected cal cost spends a budget."""
+
+  cheap: int
+  rich: int  # cheap itself where p_rich is 0
+  p_rich: float
+
+  def of(self, values: np.ndarray) -> float:
+    """The mix's expectation of a per-point value (a cost or an accuracy)."""
+    values = np.asarray(values, np.float64)
+    return float((1 - self.p_rich) * values[self.cheap] + self.p_rich * values[self.rich])
+
+
+def best_mix(cal_cost: np.ndarray, cal_accuracy: np.ndarray, budget: float,
+             mix: bool = True) -> Mix | None:
+  """The point, or pair mixed to spend `budget` in expectation, most accurate on cal.
+
+  Pairs are a point within the budget on cal and a dearer one (mix=False: single points
+  only); None if no point is within the budget. Ties go to the first point (the order given).
+  """
+  cost, acc = np.asarray(cal_cost, np.float64), np.asarray(cal_accuracy, np.float64)
+  cheap = np.flatnonzero(cost <= budget + 1e-12)
+  if not len(cheap):
+    return None
+  dearer = np.flatnonzero(cost > budget + 1e-12) if mix else np.zeros(0, int)
+  rich = np.concatenate([dearer, cheap[:1]])  # + "no mix"
+  w = policy.mix_weight(cost[cheap][:, None], cost[rich][None], budget)  # [cheap, rich]
+  w[:, -1] = 0.0
+  score = (1 - w) * acc[cheap][:, None] + w * acc[rich][None]
+  i, j = np.unravel_index(np.argmax(score), score.shape)
+  p = float(w[i, j])
+  return Mix(int(cheap[i]), int(rich[j]) if p else int(cheap[i]), p)
+
+
 def accuracy_at(points: Sequence[dict], budget: float, num_classes: int) -> float:
-  """Best accuracy among points with cost <= budget (1/num_classes if none)."""
+  """Best TEST accuracy among points with test cost <= budget (1/num_classes if none)."""
   eligible = [p["accuracy"] for p in points if p["cost"] <= budget + 1e-12]
   return max(eligible) if eligible else 1.0 / num_classes
 
 
-def summarize(points: Sequence[dict], num_classes: int,
-              budgets: Sequence[float] = REPORT_BUDGETS) -> dict:
-  """auc, auc_16, min_cost and acc_at_budget of a method's test points."""
-  if not points:
-    raise ValueError("points: expected at least one {'cost', 'accuracy'} point, got none")
+def envelope(points: Sequence[dict], num_classes: int,
+             budgets: Sequence[float] = REPORT_BUDGETS) -> dict:
+  """auc, auc_16, min_cost and acc_at_budget of the test envelope: chosen on test (oracles,
+  diagnostics)."""
+  _check_points(points, ("cost", "accuracy"))
   return {
       "auc": float(np.mean([accuracy_at(points, c, num_classes) for c in BUDGETS])),
       "auc_16": float(np.mean([accuracy_at(points, c, num_classes) for c in BUDGETS_16])),
       "min_cost": float(min(p["cost"] for p in points)),
       "acc_at_budget": {budget_key(c): accuracy_at(points, c, num_classes) for c in budgets},
   }
+
+
+def summarize(points: Sequence[dict], num_classes: int,
+              budgets: Sequence[float] = REPORT_BUDGETS, mix: bool = True) -> dict:
+  """A method's curve chosen on cal, read on test (module docstring).
+
+  mix=False: single points only, no mixes (what the test envelope is made of).
+  points: each with its cal numbers (cal_cost, cal_accuracy) and its test ones (cost,
+    accuracy). Returns auc, auc_16, min_cost (the cheapest test cost), acc_at_budget and
+    cost_at_budget (the test accuracy and cost of the point chosen at each budget; cost None
+    where no point is within it on cal), curve (the chosen points at every budget of the auc
+    that cal reaches: [budget, test cost, test accuracy]), and the test envelope's auc,
+    auc_16 and acc_at_budget, each suffixed `_test_envelope`.
+  """
+  _check_points(points, ("cost", "accuracy", "cal_cost", "cal_accuracy"))
+  get = lambda k: np.array([p[k] for p in points], np.float64)
+  cal_cost, cal_acc, cost, acc = get("cal_cost"), get("cal_accuracy"), get("cost"), get("accuracy")
+
+  def at(budget: float) -> tuple[float, float | None]:
+    picked = best_mix(cal_cost, cal_acc, budget, mix)
+    return (1.0 / num_classes, None) if picked is None else (picked.of(acc), picked.of(cost))
+
+  env = envelope(points, num_classes, budgets)
+  chosen = {budget_key(c): at(c) for c in budgets}
+  curve = [(c, *at(c)) for c in BUDGETS]
+  accs = [a for _, a, _ in curve]
+  return {
+      "auc": float(np.mean(accs)),
+      "auc_16": float(np.mean(accs[:len(BUDGETS_16)])),
+      "min_cost": env["min_cost"],
+      "acc_at_budget": {k: a for k, (a, _) in chosen.items()},
+      "cost_at_budget": {k: c for k, (_, c) in chosen.items()},
+      "curve": [[b, c, a] for b, a, c in curve if c is not None],
+      **{f"{k}_test_envelope": env[k] for k in ("auc", "auc_16", "acc_at_budget")},
+  }
+
+
+def with_cal(test_points: Sequence[dict], cal_points: Sequence[dict]) -> list[dict]:
+  """The same operating points (in the same order) measured on test and on cal, as `summarize`
+  reads them: each test point with cal_cost and cal_accuracy."""
+  if len(test_points) != len(cal_points):
+    raise ValueError(f"cal_points: expected the {len(test_points)} test points' twins, got"
+                     f" {len(cal_points)}")
+  return [{**p, "cal_cost": c["cost"], "cal_accuracy": c["accuracy"]}
+          for p, c in zip(test_points, cal_points)]
+
+
+def _check_points(points: Sequence[dict], keys: tuple[str, ...]) -> None:
+  if not points:
+    raise ValueError("points: expected at least one operating point, got none")
+  missing = [k for k in keys if k not in points[0]]
+  if missing:
+    raise ValueError(f"points: expected each point to have {list(keys)}; missing {missing}")
 
 
 def pareto(points: Sequence[dict]) -> list[dict]:

@@ -1,4 +1,9 @@
-"""Accuracy vs counted cost on a log axis, every method of a results dict."""
+"""Accuracy vs counted cost on a log axis, every method of a results dict.
+
+Each method's curve is its points chosen on cal, one per budget of the auc, at their test cost
+and accuracy (`metrics.summarize`'s curve); the oracles, which choose on test by definition,
+are drawn as their test envelope.
+"""
 
 from __future__ import annotations
 
@@ -29,15 +34,23 @@ def plot_curves(results: dict, path: str) -> None:
       style = dict(lw=0.8, alpha=0.45)
     else:
       style = STYLE.get(name, dict(lw=1))
-    pts = metrics.pareto(m["points"])
-    ax.plot([p["cost"] for p in pts], [100 * p["accuracy"] for p in pts],
-            label=f"{name} (auc {100 * m['auc']:.2f})", drawstyle="steps-post"
-            if style.get("lw", 1) else "default", **style)
+    if "curve" in m:
+      cost, acc = [c for _, c, _ in m["curve"]], [a for _, _, a in m["curve"]]
+      steps = "default"
+    else:
+      pts = metrics.pareto(m["points"])
+      cost, acc = [p["cost"] for p in pts], [p["accuracy"] for p in pts]
+      steps = "steps-post" if style.get("lw", 1) else "default"
+    ax.plot(cost, [100 * a for a in acc], label=f"{name} (auc {100 * m['auc']:.2f})",
+            drawstyle=steps, **style)
   full = results["full_model"]
   ax.axhline(100 * full["accuracy"], color="grey", lw=0.6, ls="--")
   ax.set_xscale("log", base=2)
   ax.set_xlim(1 / 80, 1.1)
-  lo = 100 * min(min(m["acc_at_budget"].values()) for m in results["methods"].values())
+  # The lowest accuracy a method reaches at a reported budget (not the chance level scored
+  # where it has no point there).
+  lo = 100 * min(a for m in results["methods"].values() for b, a in m["acc_at_budget"].items()
+                 if (m.get("cost_at_budget") or {}).get(b, 0) is not None)
   hi = 100 * max(p["accuracy"] for m in results["methods"].values() for p in m["points"])
   ax.set_ylim(max(0, lo - 5), min(100.5, hi + 1.5))
   ax.set_xlabel(f"mean counted cost ({results['cost_unit']}, full model = 1)")

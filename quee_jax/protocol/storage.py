@@ -24,6 +24,11 @@ from quee_jax.protocol.config import RESULTS_VERSION, EvalConfig
 from quee_jax.protocol.fitting import predictors_path
 
 
+# What `metrics.summarize` returns, as a SeedRun's JSON holds it.
+SUMMARY_KEYS = ("auc", "auc_16", "min_cost", "acc_at_budget", "cost_at_budget", "curve",
+                "auc_test_envelope", "auc_16_test_envelope", "acc_at_budget_test_envelope")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunDetails:
   """What one run per evaluation also reports (`evaluate`'s diagnostics and calibration)."""
@@ -43,27 +48,24 @@ class RunDetails:
 
 @dataclasses.dataclass(frozen=True)
 class SeedRun:
-  """One seed of one QuEE variant on test: its λ sweep, summary and budget mode.
+  """One seed of one QuEE variant: its λ sweep, curve chosen on cal, budget mode, risk control.
 
   Its JSON is seed_<k>.json's content and, with the seed and without details, an entry of
   results.json's methods[variant]["seeds"].
   """
 
-  points: list[dict]              # the operating points swept on test (`PolicyResult.points`)
-  auc: float                      # auc, auc_16, min_cost, acc_at_budget: `metrics.summarize`
-  auc_16: float
-  min_cost: float
-  acc_at_budget: dict[str, float]
+  points: list[dict]   # the operating points swept, with cal and test numbers
+  summary: dict        # `metrics.summarize` of the points (auc, acc_at_budget, ...)
   budget_mode: dict[str, BudgetEntry]  # budget key -> entry
+  risk: dict           # `choice.risk_choices`: per δ and rule, the point chosen on cal
   predictor_epochs: int
   predictor_cost_per_gate: float
   details: RunDetails | None = None
 
   def to_json(self) -> dict:
-    out = {"points": self.points, "auc": self.auc, "auc_16": self.auc_16,
-           "min_cost": self.min_cost, "acc_at_budget": self.acc_at_budget,
+    out = {"points": self.points, **self.summary,
            "budget_mode": {k: e.to_json() for k, e in self.budget_mode.items()},
-           "predictor_epochs": self.predictor_epochs,
+           "risk": self.risk, "predictor_epochs": self.predictor_epochs,
            "predictor_cost_per_gate": self.predictor_cost_per_gate}
     if self.details is not None:
       out["details"] = self.details.to_json()
@@ -72,8 +74,9 @@ class SeedRun:
   @classmethod
   def from_json(cls, d: dict) -> SeedRun:
     details = d.get("details")
-    return cls(d["points"], d["auc"], d["auc_16"], d["min_cost"], d["acc_at_budget"],
-               {k: BudgetEntry.from_json(e) for k, e in d["budget_mode"].items()},
+    summary = {k: d[k] for k in SUMMARY_KEYS}
+    return cls(d["points"], summary,
+               {k: BudgetEntry.from_json(e) for k, e in d["budget_mode"].items()}, d["risk"],
                d["predictor_epochs"], d["predictor_cost_per_gate"],
                None if details is None else RunDetails.from_json(details))
 
