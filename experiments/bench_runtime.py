@@ -279,7 +279,7 @@ def quee_cases(fits: dict, tables: dict, cfg: protocol.EvalConfig, opts: Options
   fam = fits["bops"].family
   top, n = fam.top, tables["test"].num_samples
   cases = []
-  cal_full = tables["cal"].restrict(fam).correct[fam.chain(top)[-1]]
+  cal_full = baselines.full_model(tables["cal"])["correct"]
 
   def case(name, point, detail, lam, start):
     lam, start = np.broadcast_to(lam, n).astype(np.float64), np.broadcast_to(start, n)
@@ -290,7 +290,7 @@ def quee_cases(fits: dict, tables: dict, cfg: protocol.EvalConfig, opts: Options
     sweeps = {k: f.sweep(tables[k], k, cfg.num_lambdas) for k in ("fit", "cal", "test")}
     if name == "bops":
       cases.append(case(name, "λ=0", "", 0.0, top))
-    fit_full = protocol.baselines.full_model(tables["fit"])["accuracy"]
+    fit_full = baselines.full_model(tables["fit"])["accuracy"]
     candidates = protocol.choice.Candidates.of_sweeps(sweeps["fit"], sweeps["cal"],
                                                       sweeps["test"], fit_full)
     for label, rule in HALF_POINTS:
@@ -321,9 +321,10 @@ def baseline_cases(fam, tables: dict, opts: Options, rng: np.random.Generator) -
   plain = fam.with_gate_overhead(np.zeros(fam.num_gates))
   t = {k: v.restrict(plain) for k, v in tables.items()}
   n = t["test"].num_samples
-  points = [p for q in range(len(fam.ladder))
-            for p in protocol.metrics.with_cal(baselines.confidence_exit(t["fit"], t["test"], q),
-                                               baselines.confidence_exit(t["fit"], t["cal"], q))]
+  on_test = [p for q in range(len(fam.ladder))
+             for p in baselines.confidence_exit(t["fit"], t["test"], q)]
+  points = protocol.metrics.with_cal(
+      on_test, [baselines.confidence_points_at(t["cal"], p["param"]) for p in on_test])
   level_of = lambda param: fam.ladder.index(param["level"])
 
   def case(point, detail, params, coin):
@@ -334,7 +335,7 @@ def baseline_cases(fam, tables: dict, opts: Options, rng: np.random.Generator) -
     return Case("naive", "bops", point, f"{point} {detail}".strip(), None, level, thr, sim)
 
   candidates = protocol.choice.Candidates.of_confidence(points, t["fit"], t["cal"])
-  cal_full = t["cal"].correct[fam.chain(fam.top)[-1]]
+  cal_full = baselines.full_model(t["cal"])["correct"]
   cases = []
   for label, rule in HALF_POINTS:
     i = protocol.choice.pick(candidates, cal_full, rule, *opts.risk)

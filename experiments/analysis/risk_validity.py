@@ -79,12 +79,13 @@ def validity(population_correct: np.ndarray, population_cost: np.ndarray,
   # A picked index of -1 (nothing picked) reads the appended entry: the full model.
   pop_drop = np.append(full.mean() - correct.mean(axis=1), 0.0)
   pop_cost = np.append(cost.mean(axis=1), full_cost)
+  pop_accuracy = correct.mean(axis=1)  # Candidates' "test" numbers: here the population's
   picked = np.empty((len(choice.RULES), len(deltas), draws), int)
   for i in range(draws):
     cols = rng.choice(P, cal_size, replace=False)
     cal = choice.Candidates(list(range(K)), np.asarray(fit_drop), np.asarray(fit_cost),
                             cost[:, cols].mean(axis=1), correct[:, cols], pop_cost[:-1],
-                            1 - pop_drop[:-1])
+                            pop_accuracy)
     for j, d in enumerate(deltas):
       for r, rule in enumerate(choice.RULES):
         picked[r, j, i] = choice.pick(cal, full[cols], rule, d, eps, pvalues)
@@ -114,9 +115,8 @@ def quee_population(tables: dict, plan, workdir: str) -> dict:
   cfg = plan.eval
   fitted = protocol.load_variant(tables, "quee", cfg.seeds[0], cfg,
                                  os.path.join(workdir, "predictors"))
-  fam = fitted.family
   sweeps = [fitted.sweep(tables[k], k, cfg.num_lambdas) for k in ("cal", "test")]
-  full = [tables[k].restrict(fam).correct[fam.chain(fam.top)[-1]] for k in ("cal", "test")]
+  full = [baselines.full_model(tables[k])["correct"] for k in ("cal", "test")]
   on_fit = fitted.sweep(tables["fit"], "fit", cfg.num_lambdas)
   return {"population_correct": np.concatenate([s.correct for s in sweeps], axis=1),
           "population_cost": np.concatenate([s.cost for s in sweeps], axis=1),
@@ -141,15 +141,14 @@ def naive_population(tables: dict) -> dict:
 
   (cal_correct, cal_cost), (test_correct, test_cost) = (per_sample(tables[k])
                                                         for k in ("cal", "test"))
-  fam = fit.family
-  top = fam.chain(fam.top)[-1]
+  on_fit = [baselines.confidence_points_at(fit, p) for p in params]
   return {"population_correct": np.concatenate([cal_correct, test_correct], axis=1),
           "population_cost": np.concatenate([cal_cost, test_cost], axis=1),
-          "full_correct": np.concatenate([tables[k].correct[top] for k in ("cal", "test")]),
-          "fit_drop": np.array([baselines.full_model(fit)["accuracy"]
-                                - baselines.confidence_points_at(fit, p)["accuracy"]
-                                for p in params]),
-          "fit_cost": np.array([baselines.confidence_points_at(fit, p)["cost"] for p in params]),
+          "full_correct": np.concatenate([baselines.full_model(tables[k])["correct"]
+                                          for k in ("cal", "test")]),
+          "fit_drop": np.array([baselines.full_model(fit)["accuracy"] - p["accuracy"]
+                                for p in on_fit]),
+          "fit_cost": np.array([p["cost"] for p in on_fit]),
           "full_cost": baselines.full_model(tables["cal"])["cost"]}
 
 

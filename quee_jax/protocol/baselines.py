@@ -34,7 +34,7 @@ def full_model(table: StateTable) -> dict:
   top = fam.top
   s = fam.chain(top)[-1]
   return {"level": fam.ladder[top], "accuracy": float(table.correct[s].mean()),
-          "cost": full_depth_cost(fam, top), "pred": table.pred[s]}
+          "cost": full_depth_cost(fam, top), "pred": table.pred[s], "correct": table.correct[s]}
 
 
 def static(table: StateTable) -> list[dict]:

@@ -72,9 +72,7 @@ def cheapest_within(correct: np.ndarray, cost: np.ndarray, full_correct: np.ndar
 
   A test per point, no guarantee: among hundreds of points the cheapest that passes is the
   one most favoured by cal's noise (`pick`'s "certified" rule holds its promise)."""
-  diff = np.asarray(correct, np.float64) - np.asarray(full_correct, np.float64)[None]
-  gain = diff.mean(axis=1)
-  se = diff.std(axis=1, ddof=1) / np.sqrt(diff.shape[1])
+  gain, se = metrics.paired_gain(correct, full_correct)
   ok = np.flatnonzero(gain - z * se >= -max_drop - 1e-12)
   return int(ok[np.argmin(np.asarray(cost)[ok])]) if len(ok) else -1
 

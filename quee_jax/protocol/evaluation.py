@@ -64,7 +64,7 @@ def evaluate(fit: StateTable, cal: StateTable, test: StateTable, cfg: EvalConfig
   methods["ee_confidence"]["budget_mode"] = {k: None if m is None else m.to_json()
                                              for k, m in naive.items()}
   methods["ee_confidence"]["risk"] = risk_choices(
-      Candidates.of_confidence(confidence, fit, cal), _full_correct(cal),
+      Candidates.of_confidence(confidence, fit, cal), baselines.full_model(cal)["correct"],
       baselines.full_model(test)["accuracy"], cfg.risk_deltas, cfg.risk_eps)
   details = None  # of the one run that reports them
   assigns = {}  # seed -> clusters, shared by the variants with soft targets
@@ -93,12 +93,6 @@ def evaluate(fit: StateTable, cal: StateTable, test: StateTable, cfg: EvalConfig
   }
 
 
-def _full_correct(table: StateTable) -> np.ndarray:
-  """[N] the full model's per-sample correctness on a table."""
-  fam = table.family
-  return table.correct[fam.chain(fam.top)[-1]]
-
-
 def _baselines(fit: StateTable, cal: StateTable, test: StateTable, budgets: Sequence[float],
                num_classes: int) -> tuple[dict[str, dict], list[dict]]:
   """(results.json's methods entry of every baseline and oracle, the confidence-exit points
@@ -108,9 +102,9 @@ def _baselines(fit: StateTable, cal: StateTable, test: StateTable, budgets: Sequ
   methods = {"static": {"points": static, **summarize(static)}}
   confidence = []
   for q, level in enumerate(test.family.ladder):
-    # Thresholds fitted on fit, the same for cal and test: the same points in the same order.
-    pts = metrics.with_cal(baselines.confidence_exit(fit, test, q),
-                           baselines.confidence_exit(fit, cal, q))
+    # Thresholds fitted on fit once, applied to test and to cal.
+    pts = baselines.confidence_exit(fit, test, q)
+    pts = metrics.with_cal(pts, [baselines.confidence_points_at(cal, p["param"]) for p in pts])
     confidence += pts
     methods[f"ee_confidence@{level}"] = {"points": pts, **summarize(pts)}
   methods["ee_confidence"] = {"points": confidence, **summarize(confidence)}
@@ -157,9 +151,9 @@ def _run(fitted: Fitted, tables: dict[str, StateTable], naive: dict[str, NaiveMi
   cal, test = tables["cal"], tables["test"]
   sweeps = {k: fitted.sweep(t, k, cfg.num_lambdas) for k, t in tables.items()}
   pts = metrics.with_cal(sweeps["test"].points(), sweeps["cal"].points())
-  fit_full = float(_full_correct(tables["fit"]).mean())
+  fit_full = baselines.full_model(tables["fit"])["accuracy"]
   risk = risk_choices(Candidates.of_sweeps(sweeps["fit"], sweeps["cal"], sweeps["test"], fit_full),
-                      _full_correct(cal), baselines.full_model(test)["accuracy"],
+                      baselines.full_model(cal)["correct"], baselines.full_model(test)["accuracy"],
                       cfg.risk_deltas, cfg.risk_eps)
   run = SeedRun(points=pts, summary=metrics.summarize(pts, num_classes, cfg.budgets),
                 budget_mode=_budget_mode(fitted, cal, test, cfg.budgets, naive, cfg.risk_eps),

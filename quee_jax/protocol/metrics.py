@@ -117,8 +117,9 @@ def summarize(points: Sequence[dict], num_classes: int,
     return (1.0 / num_classes, None) if picked is None else (picked.of(acc), picked.of(cost))
 
   env = envelope(points, num_classes, budgets)
-  chosen = {budget_key(c): at(c) for c in budgets}
-  curve = [(c, *at(c)) for c in BUDGETS]
+  picks = {c: at(c) for c in (*BUDGETS, *budgets)}  # the report budgets are among BUDGETS
+  chosen = {budget_key(c): picks[c] for c in budgets}
+  curve = [(c, *picks[c]) for c in BUDGETS]
   accs = [a for _, a, _ in curve]
   return {
       "auc": float(np.mean(accs)),
@@ -159,15 +160,17 @@ def pareto(points: Sequence[dict]) -> list[dict]:
   return out
 
 
-def paired_gain(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+def paired_gain(a: np.ndarray, b: np.ndarray):
   """Mean over samples of a - b and its standard error (a, b: per-sample scores of two
-  methods on the same samples, e.g. correctness)."""
+  methods on the same samples, e.g. correctness): two floats for a [N]; two [K] arrays for a
+  [K, N], K methods each against the same b [N]."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  if a.ndim != 1 or a.shape != b.shape or len(a) < 2:
-    raise ValueError(f"a, b: expected two 1-d arrays of the same length >= 2,"
+  if a.ndim not in (1, 2) or b.ndim != 1 or a.shape[-1] != len(b) or len(b) < 2:
+    raise ValueError(f"a, b: expected arrays of the same length >= 2 (a may be [K, N]),"
                      f" got shapes {a.shape} and {b.shape}")
   d = a - b
-  return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+  gain, se = d.mean(axis=-1), d.std(axis=-1, ddof=1) / np.sqrt(len(b))
+  return (float(gain), float(se)) if a.ndim == 1 else (gain, se)
 
 
 def auroc(scores: np.ndarray, positives: np.ndarray) -> float:

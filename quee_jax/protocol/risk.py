@@ -172,10 +172,10 @@ def certify(losses: np.ndarray, delta: float, eps: float, order: Sequence[int],
   start, size = 0, 16
   while start < len(order):
     head = order[start:start + size]
-    passed = pvalues(losses[head], delta, eps, bounds, method) <= eps
-    run = len(head) if passed.all() else int(np.argmin(passed))
-    out[head[:run]] = True
-    if run < len(head):
+    passed = fixed_sequence(pvalues(losses[head], delta, eps, bounds, method),
+                            np.arange(len(head)), eps)
+    out[head[passed]] = True
+    if not passed.all():
       break
     start, size = start + size, 2 * size
   return out

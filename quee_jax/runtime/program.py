@@ -41,6 +41,7 @@ import numpy as np
 from quee_jax.core import precision
 from quee_jax.core.backbone import Backbone, Params
 from quee_jax.core.exit_stats import softmax_features, summary_projection
+from quee_jax.core.paths import PathFamily
 from quee_jax.gating import features, policy, predictor
 from quee_jax.runtime.gating import Gating
 
@@ -145,10 +146,15 @@ def make_consts(backbone: Backbone, params: Params, gating: Gating, summary_widt
   mlp = {k: gating.predictor[k] for k in predictor.MLP_KEYS}  # not the calibration
   shrink = gating.predictor.get("shrink")
   anc_changes = fam.level[np.maximum(fam.parent, 0)] != fam.level
-  decision = policy.Decision.of(fam)
-  decision = decision._replace(cand_cost=np.asarray(decision.cand_cost, np.float32))
   return Consts(params, mlp, shrink, proj, features.state_onehots(fam),
-                fam.level.astype(np.int32), anc_changes, decision)
+                fam.level.astype(np.int32), anc_changes, decision_of(fam))
+
+
+def decision_of(fam: PathFamily) -> policy.Decision:
+  """The family's decision arrays as the program reads them: ΔC in float32, as the simulation
+  decides (`policy.decide`)."""
+  decision = policy.Decision.of(fam)
+  return decision._replace(cand_cost=np.asarray(decision.cand_cost, np.float32))
 
 
 def chunk(backbone: Backbone, spec: Spec, consts: Consts, lane: _Lane, out: _Gate,

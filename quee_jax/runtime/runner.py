@@ -117,8 +117,7 @@ class Runner:
     other = copy.copy(self)
     other.gating = self.gating.with_costs(costs)
     other.family = other.gating.family  # the same states: only costs and ΔC differ
-    dec = policy.Decision.of(other.family)
-    cand_cost = jax.device_put(np.asarray(dec.cand_cost, np.float32),
+    cand_cost = jax.device_put(program.decision_of(other.family).cand_cost,
                                NamedSharding(self.mesh, P()))
     other.consts = self.consts._replace(
         decision=self.consts.decision._replace(cand_cost=cand_cost))
