@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from quee_jax import models, pipeline, protocol, runtime
+from quee_jax import pipeline, protocol, runtime
 from quee_jax.collect import padded_batches
 from quee_jax.core import precision
 from quee_jax.protocol import baselines
@@ -403,7 +403,7 @@ def bench(workdir: str, opts: Options) -> dict:
   seed = plan.eval.seeds[0] if opts.seed is None else opts.seed
   fitted = protocol.load_variant(tables, opts.variant, seed, plan.eval,
                                  os.path.join(workdir, "predictors"))
-  bb = models.backbone(plan.model)
+  bb = plan.multi_exit
   test_x, test_y = splits.test.images[:], np.asarray(splits.test.labels)
   time_x = np.resize(test_x, (opts.time_inputs or len(test_x), *test_x.shape[1:]))
   device = jax.devices()[0].device_kind

@@ -27,11 +27,11 @@ import orbax.checkpoint as ocp
 
 from quee_jax import models
 from quee_jax.core import checkpoints, precision
-from quee_jax.core.backbone import exit_logits, exit_states
+from quee_jax.core.backbone import Backbone, exit_logits, exit_states
 from quee_jax.core.precision import FLOAT, Level
 from quee_jax.core.progress import Progress
 from quee_jax.data import Split
-from quee_jax.models import ModelConfig, vit
+from quee_jax.models import vit
 
 Params = Any
 log = logging.getLogger(__name__)
@@ -205,39 +205,39 @@ def train_backbone(cfg: vit.ViTConfig, split: Split, tc: TrainConfig, workdir: s
   evaluate = None
   if eval_split is not None:
     evaluate = lambda p: {f"{eval_split.name}_accuracy": float(
-        evaluate_exits(cfg, _merge_last_head(p, frozen_heads), eval_split)[-1])}
+        evaluate_exits(models.backbone(cfg), _merge_last_head(p, frozen_heads),
+                       eval_split)[-1])}
   trained = fit(loss_fn, trainable, None, split, tc, workdir, desc="backbone",
                 evaluate=evaluate, on_step=on_step)
   return _merge_last_head(trained, frozen_heads)
 
 
-def exit_features(params: Params, inputs: jax.Array, cfg: ModelConfig,
+def exit_features(bb: Backbone, params: Params, inputs: jax.Array,
                   level: Level = FLOAT) -> list[jax.Array]:
   """Hidden states at every exit, from one forward at `level`, without gradients."""
-  bb = models.backbone(cfg)
   return [jax.lax.stop_gradient(h)
           for h in exit_states(bb, params, inputs, (level,) * bb.num_blocks)]
 
 
-def train_exit_heads(cfg: ModelConfig, params: Params, split: Split, tc: TrainConfig,
+def train_exit_heads(bb: Backbone, params: Params, split: Split, tc: TrainConfig,
                      workdir: str, *, level: Level | str = FLOAT,
                      eval_split: Split | None = None,
                      on_step: Callable[[int, dict], None] | None = None) -> Params:
   """Trains every exit head at once on the frozen backbone's features at `level`.
 
-  Works for any model config (ViT, BERT). Each head starts from its current
-  value (the final head from the backbone's). The loss is the mean over exits;
-  the backbone's parameters are not changed. The per-epoch log line gives every
-  exit's train accuracy and, with `eval_split` (e.g. cal; optional), its accuracy
-  there at `level`.
+  Works for any backbone (`models.backbone(cfg)` for a ViT or BERT, a Flax model
+  through `models.flax_adapter`) whose params keep the heads under 'heads'. Each head
+  starts from its current value (the final head from the backbone's). The loss is the
+  mean over exits; the backbone's parameters are not changed. The per-epoch log line
+  gives every exit's train accuracy and, with `eval_split` (e.g. cal; optional), its
+  accuracy there at `level`.
   """
   level = precision.parse_level(level)
-  bb = models.backbone(cfg)
   frozen = {k: v for k, v in params.items() if k != "heads"}
 
   def loss_fn(heads, backbone, inputs, labels, key):
     del key
-    feats = exit_features(backbone, inputs, cfg, level)
+    feats = exit_features(bb, backbone, inputs, level)
     logits = jnp.stack([bb.exit_head({"heads": heads}, e, h) for e, h in enumerate(feats)])
     targets = jax.nn.one_hot(labels, bb.num_classes)[None]  # the same for every exit
     loss = cross_entropy(logits, targets, tc.label_smoothing).mean()
@@ -248,33 +248,47 @@ def train_exit_heads(cfg: ModelConfig, params: Params, split: Split, tc: TrainCo
   evaluate = None
   if eval_split is not None:
     evaluate = lambda heads: {f"{eval_split.name}_exit{e + 1}": float(a) for e, a in enumerate(
-        evaluate_exits(cfg, {**frozen, "heads": heads}, eval_split, level))}
+        evaluate_exits(bb, {**frozen, "heads": heads}, eval_split, level))}
   heads = fit(loss_fn, params["heads"], frozen, split, tc, workdir,
               desc=f"exit heads ({level.name})", evaluate=evaluate, on_step=on_step)
   return {**frozen, "heads": heads}
 
 
+class _ByIdentity:
+  """A static jit argument hashed by identity (a Backbone holds a dict and closures)."""
+
+  def __init__(self, value):
+    self.value = value
+
+  def __hash__(self):
+    return id(self.value)
+
+  def __eq__(self, other):
+    return isinstance(other, _ByIdentity) and other.value is self.value
+
+
 @functools.partial(jax.jit, static_argnums=(2, 3))
-def _exit_predictions(params: Params, inputs: jax.Array, cfg: ModelConfig, levels) -> jax.Array:
-  # Module-level and keyed on (cfg, levels), so per-epoch evaluations compile once.
-  return jnp.argmax(exit_logits(models.backbone(cfg), params, inputs, levels), -1)
+def _exit_predictions(params: Params, inputs: jax.Array, bb: _ByIdentity, levels) -> jax.Array:
+  # Module-level and keyed on (backbone, levels): per-epoch evaluations compile once
+  # (models.backbone and FlaxModel.backbone hand out one Backbone per config).
+  return jnp.argmax(exit_logits(bb.value, params, inputs, levels), -1)
 
 
-def evaluate_exits(cfg: ModelConfig, params: Params, split: Split,
+def evaluate_exits(bb: Backbone, params: Params, split: Split,
                    levels: Level | str | list = FLOAT, batch_size: int = 500) -> np.ndarray:
   """Accuracy of every exit on `split` with blocks at `levels` (one level or one per block)."""
   if isinstance(levels, str):  # one level (a Level is a str) for every block
-    levels = [levels] * cfg.depth
+    levels = [levels] * bb.num_blocks
   levels = tuple(precision.parse_level(q) for q in levels)
-  correct, n = np.zeros(len(cfg.exits)), 0
+  correct, n = np.zeros(len(bb.exits)), 0
   for batch in split.batches(batch_size):
-    pred = np.asarray(_exit_predictions(params, batch.images, cfg, levels))
+    pred = np.asarray(_exit_predictions(params, batch.images, _ByIdentity(bb), levels))
     correct += ((pred == batch.labels) & batch.mask).sum(axis=1)
     n += batch.mask.sum()
   return correct / n
 
 
-def accuracy_table(cfg: ModelConfig, params: Params, split: Split,
+def accuracy_table(bb: Backbone, params: Params, split: Split,
                    ladder: precision.Ladder) -> dict[str, list[float]]:
   """{level name: accuracy of every exit} with all blocks at that level."""
-  return {level.name: evaluate_exits(cfg, params, split, level).tolist() for level in ladder}
+  return {level.name: evaluate_exits(bb, params, split, level).tolist() for level in ladder}

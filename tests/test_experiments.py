@@ -18,6 +18,7 @@ from test_vit_import import big_vision_checkpoint
 
 import quee_jax as q
 from quee_jax import pipeline as run_lib
+from quee_jax.pipeline.workdir import stamps
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 CONFIGS = {"fashion_mnist": ("", "demo"), "cifar10": ("", "finetune"),
@@ -122,6 +123,7 @@ def test_bad_variant_raises():
     ("--config.ladder=float,w8a8,int3", "--config.ladder"),
     ("--config.eval.budgets=0.25,1.5", "--config.eval: EvalConfig.budgets"),
     ("--config.model.widht=64", "no such key 'widht'"),
+    ("--config.quant_backend=int8", "--config.quant_backend: expected one of ('aqt', 'qwix')"),
 ])
 def test_bad_override_stops_before_any_work(override, key, tmp_path):
   workdir = tmp_path / "wd"
@@ -245,6 +247,36 @@ def test_changed_eval_value_reruns_only_evaluation(finished, tmp_path):
   assert "stage backbone" not in out.stdout
   results = json.load(open(tmp_path / "results.json"))
   assert set(results["methods"]["quee"]["budget_mode"]) == {"0.25"}
+
+
+def test_the_backend_is_in_the_stamps_unless_it_is_the_default():
+  c = get_config("fashion_mnist", "demo")
+  plan = run_lib.make_plan(c)
+  assert plan.quant_backend == "aqt" and plan.multi_exit.config["quant_backend"] == "aqt"
+  # Work directories made before there was a choice keep their stamps.
+  assert "quant_backend" not in stamps(c)["model"]
+  c.quant_backend = "qwix"
+  plan = run_lib.make_plan(c)
+  assert plan.multi_exit.config["quant_backend"] == "qwix"
+  st = stamps(c)  # exit heads at a level, accuracy, tables and evaluation depend on it
+  assert st["model"]["quant_backend"] == "qwix" and st["tables"]["model"] == st["model"]
+  assert "quant_backend" not in st["backbone"]  # the float backbone does not
+
+
+@pytest.mark.slow  # ~40 compilations (every level, both backends, the adapter): 35 s
+def test_backends_analysis_on_a_finished_workdir(finished):
+  workdir, _ = finished
+  cmd = [sys.executable, "-m", "experiments.analysis.backends", "--workdir", str(workdir),
+         "--flax", "--reps=1", "--time_batch=8"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  assert set(report["backends"]) == {"float", "w8a8", "w4a4", "w2a4"}
+  assert report["backends"]["float"]["agree"] == 1.0
+  flax = report["flax"]
+  assert set(flax) == {f"{b}/{l}" for b in ("aqt", "qwix") for l in report["backends"]}
+  assert flax["aqt/float"]["max_abs_logit_diff"] < 1e-4
+  assert flax["qwix/w4a4"]["ptq_max_abs_diff"] < 1e-4
 
 
 def test_bench_runtime_on_a_finished_workdir(finished, tmp_path):

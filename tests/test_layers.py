@@ -8,7 +8,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "quee_jax"
 # In the order data flows: a module may import its own layer and the ones before it.
 LAYERS = ("core", "data", "models", "train", "collect", "gating", "protocol", "runtime",
-          "pipeline")
+          "pipeline", "examples")
 
 
 def layer_of(module: str) -> int:

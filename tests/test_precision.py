@@ -62,19 +62,62 @@ def test_quantized_dense_is_one_int8_dot(level):
   assert len(dots) == 1 and "xi8" in dots[0] and "xi32" in dots[0], dots
 
 
-def test_weights_per_channel_activations_per_token():
+@pytest.mark.parametrize("backend", precision.BACKENDS)
+def test_weights_per_channel_activations_per_token(backend):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(6, 32)).astype(np.float32)
   w = rng.normal(size=(32, 4)).astype(np.float32)
   level = q.parse_level("w4a4")
-  y = precision.dense(x, w, None, level)
+  dense = jax.jit(lambda x, w: precision.dense(x, w, None, level, backend))
+  y = dense(x, w)
   # A row's output does not depend on the other rows (per-token scale; the
   # float dequantization may round differently by an ulp across shapes) ...
-  np.testing.assert_allclose(precision.dense(x[2:3], w, None, level), y[2:3], rtol=1e-6)
+  np.testing.assert_allclose(dense(x[2:3], w), y[2:3], rtol=1e-6)
   # ... and a column's on the other columns (per-channel scale).
   w2 = w.copy()
   w2[:, 0] *= 100.0
-  np.testing.assert_allclose(precision.dense(x, w2, None, level)[:, 1:], y[:, 1:], rtol=1e-6)
+  np.testing.assert_allclose(dense(x, w2)[:, 1:], y[:, 1:], rtol=1e-6)
+
+
+@pytest.mark.parametrize("level", ["w8a8", "w4a4", "w2a4"])
+def test_qwix_and_aqt_share_scales_and_differ_only_at_the_edge(level):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(3, 5, 32)).astype(np.float32)
+  w = rng.normal(size=(32, 8)).astype(np.float32)
+  level = q.parse_level(level)
+  aqt, qwix = (np.asarray(jax.jit(lambda x, w: precision.dense(x, w, None, level, b))(x, w))
+               for b in precision.BACKENDS)
+  # Exact integer products with both sides' scales, each backend's rounding at the edge
+  # (AQT clips to 2^(b-1) - 1 codes, qwix's negative edge reaches -2^(b-1)).
+  def simulated(edge, shrink=1.0):
+    def quant(v, bits, axis):
+      bound = 2.0 ** (bits - 1) - 0.5
+      scale = shrink * np.abs(v).max(axis=axis, keepdims=True) / bound
+      return np.clip(np.round(v / scale), -edge(bits), 2.0 ** (bits - 1) - 1) * scale
+    return quant(x, level.a_bits, -1) @ quant(w, level.w_bits, 0)
+  np.testing.assert_allclose(aqt, simulated(lambda b: 2.0 ** (b - 1) - 1), rtol=1e-4, atol=1e-4)
+  # qwix's range shrunk by 1e-5 (precision.QWIX_CALIBRATION): the edge is never a tie.
+  np.testing.assert_allclose(qwix, simulated(lambda b: 2.0 ** (b - 1), 0.99999), rtol=1e-4,
+                             atol=1e-4)
+
+
+def test_qwix_runs_two_dimensional_int4_dots():
+  # XLA's CPU compiler rejects a 2-D x 2-D dot of two int4 operands; the seam adds a
+  # batch axis, so a [batch, features] input runs and equals the 3-D one.
+  x = np.random.default_rng(2).normal(size=(4, 32)).astype(np.float32)
+  w = np.random.default_rng(3).normal(size=(32, 8)).astype(np.float32)
+  level = q.parse_level("w4a4")
+  flat = jax.jit(lambda x: precision.dense(x, w, None, level, "qwix"))(x)
+  np.testing.assert_array_equal(
+      np.asarray(flat), np.asarray(jax.jit(lambda x: precision.dense(x, w, None, level,
+                                                                     "qwix"))(x[None]))[0])
+
+
+def test_unknown_backend_is_named():
+  with pytest.raises(ValueError, match=r"backend: expected one of \('aqt', 'qwix'\), got 'aqtp'"):
+    precision.dot_general(q.parse_level("w8a8"), backend="aqtp")
+  with pytest.raises(ValueError, match="backend: expected one of"):
+    q.models.backbone(TINY, "int8")
 
 
 def _plain_forward(params, x, cfg):

@@ -77,15 +77,15 @@ def test_backbone_training_leaves_intermediate_heads_alone(trained, splits):
   params, out = trained
   jax.tree.map(np.testing.assert_array_equal, out["heads"][0], params["heads"][0])
   assert not np.array_equal(out["heads"][1]["dense"]["kernel"], params["heads"][1]["dense"]["kernel"])
-  assert train.evaluate_exits(SMALL, out, splits.test)[-1] > 0.4  # chance: 0.1
+  assert train.evaluate_exits(q.models.backbone(SMALL), out, splits.test)[-1] > 0.4  # chance: 0.1
 
 
 def test_exit_heads_train_on_a_frozen_backbone(tmp_path, trained, splits, caplog):
   _, params = trained
-  before = train.evaluate_exits(SMALL, params, splits.test, "w4a4")
+  before = train.evaluate_exits(q.models.backbone(SMALL), params, splits.test, "w4a4")
   tc = train.TrainConfig(epochs=3, batch_size=50, learning_rate=1e-2, checkpoint_every=1000)
   with caplog.at_level("INFO", logger="quee_jax.train"):
-    out = train.train_exit_heads(SMALL, params, splits.train, tc, str(tmp_path / "heads"),
+    out = train.train_exit_heads(q.models.backbone(SMALL), params, splits.train, tc, str(tmp_path / "heads"),
                                  level="w4a4", eval_split=splits.fit)
   # Each epoch line reports every exit, on train and on the eval split, not the last alone.
   epochs = [r.getMessage() for r in caplog.records if " epoch " in r.getMessage()]
@@ -95,10 +95,10 @@ def test_exit_heads_train_on_a_frozen_backbone(tmp_path, trained, splits, caplog
   assert "accuracy" not in epochs[-1]
   for k in ("embedding", "cls", "pos_embedding", "blocks"):
     jax.tree.map(np.testing.assert_array_equal, out[k], params[k])
-  after = train.evaluate_exits(SMALL, out, splits.test, "w4a4")
+  after = train.evaluate_exits(q.models.backbone(SMALL), out, splits.test, "w4a4")
   assert after[0] > before[0] + 0.15 and after[1] > before[1] - 0.03, (before, after)
   # Rerunning finds the finished checkpoint and returns the same heads without training.
-  again = train.train_exit_heads(SMALL, params, splits.train, tc, str(tmp_path / "heads"),
+  again = train.train_exit_heads(q.models.backbone(SMALL), params, splits.train, tc, str(tmp_path / "heads"),
                                  level="w4a4")
   jax.tree.map(np.testing.assert_array_equal, again["heads"], out["heads"])
 

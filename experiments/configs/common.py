@@ -36,6 +36,10 @@ def base_config(dataset: str, splits: dict, model: dict, backbone: dict,
                               label_smoothing=0.0)
   c.exit_heads_level = "float"  # the precision of the features the exit heads are trained on
   c.ladder = ladder
+  # The quantization library behind the backbone's levels: 'aqt' (aqtp) or 'qwix' (its
+  # successor); the same conventions, costs and ladder (quee_jax/core/precision.py). The
+  # gating predictors (eval.predictor.level) run on AQT either way.
+  c.quant_backend = "aqt"
   c.family = "switch_once"
   c.cost_unit = "bops"
   c.collect = ml_collections.ConfigDict(dict(batch_size=250, summary_dim=8))

@@ -3,8 +3,9 @@
 A *level* is either float or a pair (weight bits, activation bits). Every
 matmul of a backbone goes through `dot_general`, `dense` or `einsum` below with
 the level it should run at, so the same float parameters run at any level
-inside one `jit`. AQT (aqtp, `aqt.jax.v2`) does the quantization; another
-backend such as qwix would replace it here and nowhere else.
+inside one `jit`. Two backends do the quantization, chosen by name and nowhere
+else: AQT (aqtp, `aqt.jax.v2`; "aqt", the default) and qwix (Google's successor
+to AQT; "qwix"), through each library's public dot_general.
 
 Quantization choices (post-training, no calibration data):
   * weights: symmetric abs-max scale per output channel;
@@ -15,6 +16,11 @@ Quantization choices (post-training, no calibration data):
     w4a8 lower to one s8 x s8 -> s32 dot instead of a slow s32 one;
   * attention QK^T and AV multiply two activations: both sides are quantized at
     the activation bits (`einsum(..., both_activations=True)`).
+The two backends share these conventions and the scale (abs-max / (2^(b-1) - 0.5))
+and differ where a value rounds past the edge: AQT clips to +-(2^(b-1) - 1), qwix
+lets the negative edge reach -2^(b-1) (a 2-bit weight takes 4 values, not 3).
+AQT stores every width in int8 (above); qwix stores 2-4 bits in int4.
+docs/results/backends.md measures how far apart they land and how fast each runs.
 
 On NVIDIA GPUs, XLA's Triton GEMM emitter computed some s8 x s8 -> s32 dots
 wrong (measured on an H100 with jax 0.11.2: a plain `lax.dot_general` of
@@ -39,6 +45,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import qwix
 from aqt.jax.v2 import aqt_dot_general
 from aqt.jax.v2 import config as aqt_config
 from jax import lax
@@ -175,6 +182,17 @@ def parse_ladder(levels: str | Iterable[str | Level]) -> Ladder:
   return ladder
 
 
+BACKENDS = ("aqt", "qwix")
+DEFAULT_BACKEND = "aqt"
+
+
+def check_backend(backend: str, arg: str = "backend") -> str:
+  """`backend` if it names a quantization backend; ValueError naming `arg` otherwise."""
+  if backend not in BACKENDS:
+    raise ValueError(f"{arg}: expected one of {BACKENDS}, got {backend!r}")
+  return backend
+
+
 def _aqt_config(lhs_bits: int, rhs_bits: int):
   # bwd_bits=None: inference only, so no stochastic rounding and no PRNG key.
   cfg = aqt_config.dot_general_make(lhs_bits=lhs_bits, rhs_bits=rhs_bits,
@@ -198,37 +216,110 @@ def _aqt_dot_general(lhs_bits: int, rhs_bits: int) -> Callable:
   return dot
 
 
-def dot_general(level: Level, *, both_activations: bool = False) -> Callable:
+def qwix_qtype(bits: int):
+  """qwix's name of a signed integer width: jnp dtypes for 8 and 4 bits, 'int<b>' otherwise."""
+  return {8: jnp.int8, 4: jnp.int4}.get(bits, f"int{bits}")
+
+
+def _uncontracted(ndim: int, contracting) -> list[int]:
+  return [a for a in range(ndim) if a not in contracting]
+
+
+# qwix maps a row's abs-max to (2^(b-1) - 0.5) scale units, a rounding tie: whether
+# the row's negative extreme lands on -2^(b-1) or one code above then turns on the
+# last bit of float arithmetic, so two programs equal in exact arithmetic (the
+# project's ViT and the same ViT in linen, or a batch and its compacted rows)
+# disagree on ~8% of predictions at w4a4. Shrinking the calibrated range by 1e-5
+# (qwix's 'absmax,<scale>') moves the extreme off the tie: it always lands on
+# -2^(b-1) (and +2^(b-1) - 1), whatever the rounding of the float ops before it.
+QWIX_CALIBRATION = "absmax,0.99999"
+
+
+@functools.cache
+def _qwix_dot_general(lhs_bits: int, rhs_bits: int) -> Callable:
+  lhs_type, rhs_type = qwix_qtype(lhs_bits), qwix_qtype(rhs_bits)
+
+  def dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    del precision, preferred_element_type  # as AQT: the backend decides both
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    (lhs_contract, rhs_contract), _ = dimension_numbers
+    # One abs-max scale per row of every uncontracted axis: per token for activations,
+    # per output channel for weights, as in AQT's default calibration.
+    q_lhs = qwix.quantize(lhs, lhs_type, calibration_method=QWIX_CALIBRATION,
+                          channelwise_axes=_uncontracted(lhs.ndim, lhs_contract))
+    q_rhs = qwix.quantize(rhs, rhs_type, calibration_method=QWIX_CALIBRATION,
+                          channelwise_axes=_uncontracted(rhs.ndim, rhs_contract))
+    if lhs.ndim == 2 and rhs.ndim == 2:
+      # XLA's CPU compiler (jax 0.10) rejects a 2-D x 2-D dot of two int4 operands
+      # ("custom element sizes on non-sub-byte types") and runs the 3-D one exactly:
+      # a unit batch axis on lhs, removed after.
+      (lc, rc), (lb, rb) = dimension_numbers
+      dims = ((tuple(a + 1 for a in lc), rc), (tuple(a + 1 for a in lb), rb))
+      q_lhs = jax.tree.map(lambda a: a[None], q_lhs)
+      return qwix.dot_general(q_lhs, q_rhs, dims)[0]
+    return qwix.dot_general(q_lhs, q_rhs, dimension_numbers)
+
+  return dot
+
+
+def qwix_rule(level: Level, module_path: str = ".*") -> qwix.QuantizationRule:
+  """The seam's qwix conventions at an integer `level` as a rule of qwix's own Flax route
+  (`qwix.quantize_model(module, qwix.PtqProvider([rule]))`), which quantizes a linen or NNX
+  module's matmuls as `dot_general(level, backend="qwix")` does."""
+  level = parse_level(level)
+  if level.is_float:
+    raise ValueError("level: qwix rules quantize; expected an integer level, got 'float'")
+  return qwix.QuantizationRule(
+      module_path=module_path, weight_qtype=qwix_qtype(level.w_bits),
+      act_qtype=qwix_qtype(level.a_bits), weight_calibration_method=QWIX_CALIBRATION,
+      act_calibration_method=QWIX_CALIBRATION)
+
+
+_DOT_GENERALS = {"aqt": _aqt_dot_general, "qwix": _qwix_dot_general}
+
+
+def quantized_dot_general(lhs_bits: int, rhs_bits: int, backend: str = DEFAULT_BACKEND
+                          ) -> Callable:
+  """A `lax.dot_general`-compatible function quantizing lhs to lhs_bits and rhs to rhs_bits
+  (symmetric abs-max, one scale per row of every uncontracted axis) with `backend`."""
+  return _DOT_GENERALS[check_backend(backend)](lhs_bits, rhs_bits)
+
+
+def dot_general(level: Level, *, both_activations: bool = False,
+                backend: str = DEFAULT_BACKEND) -> Callable:
   """A `lax.dot_general`-compatible function at `level` (lhs = activations).
 
-  `float` returns `lax.dot_general` itself: no AQT code runs at that level.
+  `float` returns `lax.dot_general` itself: no quantization code runs at that level.
   """
   level = parse_level(level)
+  check_backend(backend)
   if level.is_float:
     return lax.dot_general
   rhs_bits = level.a_bits if both_activations else level.w_bits
-  return _aqt_dot_general(level.a_bits, rhs_bits)
+  return quantized_dot_general(level.a_bits, rhs_bits, backend)
 
 
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
-          level: Level) -> jax.Array:
+          level: Level, backend: str = DEFAULT_BACKEND) -> jax.Array:
   """x @ kernel + bias with the matmul at `level` (kernel: [in, out])."""
   dims = (((x.ndim - 1,), (0,)), ((), ()))
-  y = dot_general(level)(x, kernel, dims)
+  y = dot_general(level, backend=backend)(x, kernel, dims)
   return y if bias is None else y + bias
 
 
 def einsum(eqn: str, lhs: jax.Array, rhs: jax.Array, level: Level, *,
-           both_activations: bool = False) -> jax.Array:
+           both_activations: bool = False, backend: str = DEFAULT_BACKEND) -> jax.Array:
   """A two-operand einsum at `level`; set both_activations for QK^T and AV."""
   if both_activations:
     with jax.named_scope(ACT_X_ACT_SCOPE):
-      return _einsum(eqn, lhs, rhs, level, both_activations)
-  return _einsum(eqn, lhs, rhs, level, both_activations)
+      return _einsum(eqn, lhs, rhs, level, both_activations, backend)
+  return _einsum(eqn, lhs, rhs, level, both_activations, backend)
 
 
-def _einsum(eqn, lhs, rhs, level, both_activations):
-  if parse_level(level).is_float:
+def _einsum(eqn, lhs, rhs, level, both_activations, backend):
+  dg = dot_general(level, both_activations=both_activations, backend=backend)
+  if dg is lax.dot_general:
     return jnp.einsum(eqn, lhs, rhs)
-  return aqt_dot_general.einsum(
-      eqn, lhs, rhs, dg=dot_general(level, both_activations=both_activations))
+  # AQT's einsum is jnp.einsum's contraction with the dot_general injected (and no jit
+  # around it); it serves any backend's dot_general.
+  return aqt_dot_general.einsum(eqn, lhs, rhs, dg=dg)

@@ -6,6 +6,9 @@ names the architecture: 'vit' (the default) or 'bert'.
 
 from __future__ import annotations
 
+import functools
+
+from quee_jax.core import precision
 from quee_jax.core.backbone import Backbone
 from quee_jax.models import bert, vit
 
@@ -25,10 +28,15 @@ def make_config(model: dict) -> ModelConfig:
     raise ValueError(f"{e} (arch {arch!r})") from None
 
 
-def backbone(cfg: ModelConfig) -> Backbone:
-  """The model behind the backbone interface."""
+@functools.cache
+def backbone(cfg: ModelConfig, backend: str = precision.DEFAULT_BACKEND) -> Backbone:
+  """The model behind the backbone interface, quantized with `backend` ('aqt' or 'qwix').
+
+  Cached: one config gives one Backbone, so functions jitted with it as a static
+  argument compile once.
+  """
   if isinstance(cfg, bert.BertConfig):
-    return bert.backbone(cfg)
+    return bert.backbone(cfg, backend)
   if isinstance(cfg, vit.ViTConfig):
-    return vit.backbone(cfg)
+    return vit.backbone(cfg, backend)
   raise ValueError(f"cfg: expected a ViTConfig or BertConfig, got {type(cfg).__name__}")

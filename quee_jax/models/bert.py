@@ -135,14 +135,16 @@ def _split(h: jax.Array) -> tuple[jax.Array, jax.Array]:
   return h[..., :-1], h[..., -1]
 
 
-def block(params: Params, i: int, h: jax.Array, level: Level, cfg: BertConfig) -> jax.Array:
-  """Block i (0-based) at `level` (post-LN); every leading axis of h is a batch axis."""
+def block(params: Params, i: int, h: jax.Array, level: Level, cfg: BertConfig,
+          backend: str = precision.DEFAULT_BACKEND) -> jax.Array:
+  """Block i (0-based) at `level` (post-LN), quantized with `backend`; every leading axis of
+  h is a batch axis."""
   p = params["blocks"][i]
   x, mask = _split(h)
-  x = layer_norm(x + attention(p, x, cfg.heads, level, mask), p["ln1"], cfg.ln_eps)
-  y = precision.dense(x, p["mlp1"]["kernel"], p["mlp1"]["bias"], level)
+  x = layer_norm(x + attention(p, x, cfg.heads, level, mask, backend), p["ln1"], cfg.ln_eps)
+  y = precision.dense(x, p["mlp1"]["kernel"], p["mlp1"]["bias"], level, backend)
   y = precision.dense(jax.nn.gelu(y, approximate=False), p["mlp2"]["kernel"], p["mlp2"]["bias"],
-                      level)
+                      level, backend)
   x = layer_norm(x + y, p["ln2"], cfg.ln_eps)
   return jnp.concatenate([x, mask[..., None]], axis=-1)
 
@@ -169,7 +171,8 @@ def sentence_embedding(params: Params, ids: jax.Array, cfg: BertConfig,
   return pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True)
 
 
-def backbone(cfg: BertConfig) -> Backbone:
-  """The encoder behind the backbone interface the QuEE core uses."""
+def backbone(cfg: BertConfig, backend: str = precision.DEFAULT_BACKEND) -> Backbone:
+  """The encoder behind the backbone interface the QuEE core uses, quantized with `backend`."""
   return multi_exit_backbone(cfg, embed=embed, block=block, pool=pool,
-                             check_inputs=lambda ids, cfg: check_ids(ids, cfg, "images"))
+                             check_inputs=lambda ids, cfg: check_ids(ids, cfg, "images"),
+                             backend=backend)

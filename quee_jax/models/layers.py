@@ -72,14 +72,16 @@ def layer_norm(x: jax.Array, p: Params, eps: float = HEAD_LN_EPS) -> jax.Array:
 
 
 def attention(p: Params, x: jax.Array, heads: int, level: Level,
-              mask: jax.Array | None = None) -> jax.Array:
-  """Multi-head self-attention, every matmul at `level` (QK^T and AV quantize both sides).
+              mask: jax.Array | None = None,
+              backend: str = precision.DEFAULT_BACKEND) -> jax.Array:
+  """Multi-head self-attention, every matmul at `level` (QK^T and AV quantize both sides)
+  with the quantization `backend`.
 
   p: {qkv {kernel [D, 3D], bias}, out {kernel [D, D], bias}}; x [..., T, D];
   mask [..., T]: 1 on real tokens, 0 on padding (None: every token is real).
   """
   dim = x.shape[-1]
-  qkv = precision.dense(x, p["qkv"]["kernel"], p["qkv"]["bias"], level)
+  qkv = precision.dense(x, p["qkv"]["kernel"], p["qkv"]["bias"], level, backend)
   head_dim = dim // heads
   q, k, v = (t.reshape(*t.shape[:-1], heads, head_dim) for t in jnp.split(qkv, 3, axis=-1))
   q = q * (head_dim ** -0.5)
@@ -87,13 +89,15 @@ def attention(p: Params, x: jax.Array, heads: int, level: Level,
     # Zero values at padding: the AV product's activation scale is taken along the keys,
     # so padding would otherwise set part of a real token's quantization scale.
     v = v * mask[..., :, None, None]
-  scores = precision.einsum("...qhd,...khd->...hqk", q, k, level, both_activations=True)
+  scores = precision.einsum("...qhd,...khd->...hqk", q, k, level, both_activations=True,
+                            backend=backend)
   if mask is not None:
     scores = scores + ((1.0 - mask) * MASK_LOGIT)[..., None, None, :]
   probs = jax.nn.softmax(scores, axis=-1)
-  out = precision.einsum("...hqk,...khd->...qhd", probs, v, level, both_activations=True)
+  out = precision.einsum("...hqk,...khd->...qhd", probs, v, level, both_activations=True,
+                         backend=backend)
   out = out.reshape(*out.shape[:-2], dim)
-  return precision.dense(out, p["out"]["kernel"], p["out"]["bias"], level)
+  return precision.dense(out, p["out"]["kernel"], p["out"]["bias"], level, backend)
 
 
 def head_summary(params: Params, e: int, pooled: jax.Array) -> jax.Array:
@@ -108,19 +112,21 @@ def head_logits(params: Params, e: int, pooled: jax.Array) -> jax.Array:
 
 
 def multi_exit_backbone(cfg, *, embed: Callable, block: Callable, pool: Callable,
-                        check_inputs: Callable) -> Backbone:
-  """The Backbone of a model whose functions take `cfg` last; heads on `pool(h, cfg)`.
+                        check_inputs: Callable, backend: str) -> Backbone:
+  """The Backbone of a model whose functions take `cfg` last; heads on `pool(h, cfg)`;
+  blocks quantized with `backend` (`block(..., cfg, backend=backend)`).
 
   cfg needs depth, exits, num_classes and to_dict().
   """
+  precision.check_backend(backend)
   return Backbone(
       num_blocks=cfg.depth,
       exits=cfg.exits,
       num_classes=cfg.num_classes,
       embed=lambda params, x: embed(params, x, cfg),
-      block=lambda params, i, h, level: block(params, i, h, level, cfg),
+      block=lambda params, i, h, level: block(params, i, h, level, cfg, backend=backend),
       exit_head=lambda params, e, h: head_logits(params, e, pool(h, cfg)),
-      config=cfg.to_dict(),
+      config={**cfg.to_dict(), "quant_backend": backend},
       summary=lambda params, e, h: head_summary(params, e, pool(h, cfg)),
       check_inputs=lambda x: check_inputs(x, cfg),
   )

@@ -153,18 +153,21 @@ def _drop_path(y: jax.Array, key: jax.Array, rate: float) -> jax.Array:
 
 
 def block(params: Params, i: int, h: jax.Array, level: Level, cfg: ViTConfig,
-          drop_path: tuple[jax.Array, float] | None = None) -> jax.Array:
-  """Block i (0-based) at `level`; every leading axis of h is a batch axis.
+          drop_path: tuple[jax.Array, float] | None = None,
+          backend: str = precision.DEFAULT_BACKEND) -> jax.Array:
+  """Block i (0-based) at `level`, quantized with `backend`; every leading axis of h is a
+  batch axis.
 
   drop_path: (key, rate) for stochastic depth while training; None at inference.
   """
   p = params["blocks"][i]
-  y = attention(p, layer_norm(h, p["ln1"]), cfg.heads, level)
+  y = attention(p, layer_norm(h, p["ln1"]), cfg.heads, level, backend=backend)
   if drop_path is not None:
     y = _drop_path(y, jax.random.fold_in(drop_path[0], 0), drop_path[1])
   h = h + y
-  y = precision.dense(layer_norm(h, p["ln2"]), p["mlp1"]["kernel"], p["mlp1"]["bias"], level)
-  y = precision.dense(jax.nn.gelu(y), p["mlp2"]["kernel"], p["mlp2"]["bias"], level)
+  y = precision.dense(layer_norm(h, p["ln2"]), p["mlp1"]["kernel"], p["mlp1"]["bias"], level,
+                      backend)
+  y = precision.dense(jax.nn.gelu(y), p["mlp2"]["kernel"], p["mlp2"]["bias"], level, backend)
   if drop_path is not None:
     y = _drop_path(y, jax.random.fold_in(drop_path[0], 1), drop_path[1])
   return h + y
@@ -221,6 +224,7 @@ def forward(params: Params, images: jax.Array, cfg: ViTConfig,
   return jnp.stack(logits), intermediates
 
 
-def backbone(cfg: ViTConfig) -> Backbone:
-  """The ViT behind the backbone interface the QuEE core uses."""
-  return multi_exit_backbone(cfg, embed=embed, block=block, pool=pool, check_inputs=check_images)
+def backbone(cfg: ViTConfig, backend: str = precision.DEFAULT_BACKEND) -> Backbone:
+  """The ViT behind the backbone interface the QuEE core uses, quantized with `backend`."""
+  return multi_exit_backbone(cfg, embed=embed, block=block, pool=pool, check_inputs=check_images,
+                             backend=backend)

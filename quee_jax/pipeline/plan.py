@@ -13,6 +13,7 @@ import ml_collections
 
 from quee_jax import data, models, protocol, train
 from quee_jax.core import paths, precision
+from quee_jax.core.backbone import Backbone
 from quee_jax.core.precision import Ladder, Level
 from quee_jax.gating import predictor
 from quee_jax.models import bert, bert_import
@@ -32,6 +33,12 @@ class Plan:
   exit_heads_level: Level
   eval: protocol.EvalConfig
   stages: tuple[str, ...]
+  quant_backend: str = precision.DEFAULT_BACKEND
+
+  @property
+  def multi_exit(self) -> Backbone:
+    """The model behind the backbone interface, quantized with the config's backend."""
+    return models.backbone(self.model, self.quant_backend)
 
 
 def checked(key: str, build, *args, **kwargs):
@@ -66,6 +73,9 @@ def make_plan(c: ml_collections.ConfigDict, stages=STAGES) -> Plan:
     raise ValueError(f"--config.model.num_classes: {c.dataset} has {classes} classes,"
                      f" got {model.num_classes}")
   ladder = checked("ladder", precision.parse_ladder, c.ladder)
+  # Configs written before backends existed (a work directory's config.json) have no key.
+  quant_backend = precision.check_backend(c.get("quant_backend", precision.DEFAULT_BACKEND),
+                                         "--config.quant_backend")
   if c.family not in paths.FAMILIES:
     raise ValueError(f"--config.family: unknown {c.family!r}; expected one of {sorted(paths.FAMILIES)}")
   if c.cost_unit not in COST_UNITS:
@@ -104,4 +114,5 @@ def make_plan(c: ml_collections.ConfigDict, stages=STAGES) -> Plan:
   if ev.signal_level and precision.canonical_name(ev.signal_level) not in ladder:
     raise ValueError(f"--config.eval.signal_level: expected a level of the ladder"
                      f" {list(ladder)} or '', got {ev.signal_level!r}")
-  return Plan(model, ladder, backbone, exit_heads, heads_level, eval_cfg, tuple(stages))
+  return Plan(model, ladder, backbone, exit_heads, heads_level, eval_cfg, tuple(stages),
+              quant_backend)

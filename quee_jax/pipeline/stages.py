@@ -32,7 +32,7 @@ import time
 import jax
 import ml_collections
 
-from quee_jax import collect, data, models, protocol, train
+from quee_jax import collect, data, protocol, train
 from quee_jax.core import cost, paths
 from quee_jax.core.progress import notice
 from quee_jax.core.table import StateTable, load_table, save_table
@@ -67,7 +67,7 @@ def trained_params(c: ml_collections.ConfigDict, plan: Plan, splits: data.Splits
   say(f"backbone: finished in {timings['backbone']:.1f} s")
   t0 = time.time()
   say("exit_heads: start")
-  p = train.train_exit_heads(plan.model, p, splits.train, plan.exit_heads,
+  p = train.train_exit_heads(plan.multi_exit, p, splits.train, plan.exit_heads,
                              stage_dir(workdir, "exit_heads", st["model"]),
                              level=plan.exit_heads_level, eval_split=splits.cal)
   timings["exit_heads"] = time.time() - t0
@@ -118,7 +118,7 @@ class Run:
                                     self.timings)
       if jax.default_backend() != "cpu":  # before the accuracy table and state tables run levels
         print(device_check.summary(device_check.check_device(
-            models.backbone(self.plan.model), self._params, self.plan.ladder,
+            self.plan.multi_exit, self._params, self.plan.ladder,
             self.splits.test.images)))
     return self._params
 
@@ -136,7 +136,8 @@ def accuracy_stage(r: Run) -> None:
       notice(f"{acc_path} was made with another model config; measuring it again")
     elif old is not None:
       notice(f"{acc_path} was measured with another ladder; measuring it again")
-    accuracy = train.accuracy_table(r.plan.model, r.params(), r.splits.test, r.plan.ladder)
+    accuracy = train.accuracy_table(r.plan.multi_exit, r.params(), r.splits.test,
+                                    r.plan.ladder)
     train_s = dict(r.timings)
     if same_model and "train_s" in old:  # only the ladder changed: keep the training times
       train_s = old["train_s"]
@@ -158,7 +159,7 @@ def accuracy_stage(r: Run) -> None:
 def tables_stage(r: Run) -> dict[str, StateTable]:
   """The fit, cal and test state tables: loaded where made with this config, else collected."""
   c, table_cfg = r.config, r.stamps["tables"]
-  bb = models.backbone(r.plan.model)
+  bb = r.plan.multi_exit
   tables, family = {}, None
   for split in ("fit", "cal", "test"):
     path = r.path("tables", split)

@@ -24,7 +24,7 @@ import socket
 import ml_collections
 
 from quee_jax import protocol
-from quee_jax.core import table
+from quee_jax.core import precision, table
 from quee_jax.core.progress import first_line, notice
 from quee_jax.pipeline.plan import Plan, make_plan
 from quee_jax.protocol.storage import write_json
@@ -197,6 +197,12 @@ def stamps(c: ml_collections.ConfigDict) -> dict:
                      "init_from": c.init_from, "init_head": c.init_head, "dataset": c.dataset,
                      "seed": c.seed, "splits": c.splits.to_dict()})
   model = {**backbone, "exit_heads": c.exit_heads.to_dict(), "exit_heads_level": c.exit_heads_level}
+  backend = c.get("quant_backend", precision.DEFAULT_BACKEND)
+  if backend != precision.DEFAULT_BACKEND:
+    # Quantized levels (exit heads at exit_heads_level, accuracy, tables, all after) depend
+    # on the backend. Named only when it is not the default, so that work directories made
+    # before there was a choice keep their stamps and are not recomputed.
+    model["quant_backend"] = backend
   tables = _plain({"model": model, "ladder": c.ladder, "family": c.family,
                    "cost_unit": c.cost_unit, "summary_dim": c.collect.summary_dim})
   return {"backbone": backbone, "model": model, "tables": tables,

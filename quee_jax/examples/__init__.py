@@ -1,0 +1,1 @@
+"""Worked examples to copy: a user's own Flax model wrapped by `quee_jax.models.flax_adapter`."""
