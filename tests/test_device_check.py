@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from conftest import images
 
+import quee_jax as q
 from quee_jax.gating import predictor
 from quee_jax.runtime import device_check
 
@@ -128,3 +129,15 @@ def test_integer_dots_are_read_off_the_forward_at_its_shapes(tiny):
   dots = device_check.level_dots(bb, params, LADDER, images(8))
   assert dots["float"] == [] and dots["w8a8"] == dots["w4a4"] and len(dots["w8a8"]) == 6
   assert all(d.lhs[0] == 8 for d in dots["w8a8"])  # at the batch the check runs
+
+
+def test_qwix_int4_dots_are_read_and_run_in_their_own_dtype(tiny):
+  # qwix keeps 2-4 bits in int4: the check replays those dots on int4 operands (every
+  # code in [-8, 7]), not on int8 ones, and they are exact.
+  cfg, params, _ = tiny
+  bb = q.models.backbone(cfg, "qwix")
+  dots = device_check.level_dots(bb, params, "w8a8,w4a4", images(8))
+  assert {(d.lhs_dtype, d.rhs_dtype) for d in dots["w8a8"]} == {("int8", "int8")}
+  assert {(d.lhs_dtype, d.rhs_dtype) for d in dots["w4a4"]} == {("int4", "int4")}
+  cpu = jax.devices("cpu")[0]
+  assert device_check.wrong_dots(dots["w4a4"], cpu, cpu) == [None] * len(dots["w4a4"])

@@ -258,9 +258,11 @@ def test_the_backend_is_in_the_stamps_unless_it_is_the_default():
   c.quant_backend = "qwix"
   plan = run_lib.make_plan(c)
   assert plan.multi_exit.config["quant_backend"] == "qwix"
-  st = stamps(c)  # exit heads at a level, accuracy, tables and evaluation depend on it
-  assert st["model"]["quant_backend"] == "qwix" and st["tables"]["model"] == st["model"]
-  assert "quant_backend" not in st["backbone"]  # the float backbone does not
+  st = stamps(c)  # the tables and all after them depend on it; heads on float features not
+  assert st["tables"]["quant_backend"] == "qwix" and st["eval"]["tables"] == st["tables"]
+  assert "quant_backend" not in st["model"] and "quant_backend" not in st["backbone"]
+  c.exit_heads_level = "w8a8"  # heads trained on quantized features depend on it too
+  assert stamps(c)["model"]["quant_backend"] == "qwix"
 
 
 @pytest.mark.slow  # ~40 compilations (every level, both backends, the adapter): 35 s

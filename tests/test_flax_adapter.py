@@ -55,6 +55,20 @@ def test_adapted_linen_vit_equals_the_pure_vit(pair, backend):
     assert same >= 0.999, f"{backend} {level}: {same:.4f} of predictions agree"
 
 
+def test_export_loads_into_the_linen_vit_and_back_with_the_same_logits(tiny):
+  cfg, params, bb = tiny  # class token and learned positions, the ViTConfig defaults
+  checkpoint = example.export_big_vision(params, cfg)
+  model = example.flax_model(SHAPE)
+  loaded = {**model.init(jax.random.key(0), traverse_util.unflatten_dict(checkpoint, sep="/")),
+            "heads": params["heads"]}
+  back = {**vit_import.import_big_vision(checkpoint, cfg, jax.random.key(0), load_head=False),
+          "heads": params["heads"]}
+  x = images(64, seed=9)
+  want = logits(bb, params, x, q.FLOAT)
+  np.testing.assert_allclose(logits(model.backbone(), loaded, x, q.FLOAT), want, atol=1e-5)
+  np.testing.assert_allclose(logits(bb, back, x, q.FLOAT), want, atol=1e-5)
+
+
 def test_rewriting_the_pure_block_is_bit_identical_and_costs_the_same(tiny):
   cfg, params, bb = tiny
   h = bb.embed(params, images(8))
@@ -184,5 +198,7 @@ def test_adapter_errors_name_what_is_wrong(pair):
   part = flax_adapter.linen_part(conv, "")
   with pytest.raises(ValueError, match=r"embed: a convolution cannot run at level 'w8a8'"):
     rewrite.at_level(part.apply, "w8a8", where="embed")(p, jnp.ones((1, 5, 5, 2)))
-  with pytest.raises(ValueError, match="linen_part: expected a flax.linen Module"):
+  with pytest.raises(ValueError, match=r"module: expected a flax.linen Module \(linen_part\)"):
     flax_adapter.linen_part(lambda p, h: h, "")
+  with pytest.raises(ValueError, match=r"FlaxModel.blocks\[1\]: expected a Part"):
+    flax_adapter.FlaxModel(stem, [parts[0], block], (2,), SHAPE.num_classes, SHAPE.dim)

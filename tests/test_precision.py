@@ -111,6 +111,11 @@ def test_qwix_runs_two_dimensional_int4_dots():
   np.testing.assert_array_equal(
       np.asarray(flat), np.asarray(jax.jit(lambda x: precision.dense(x, w, None, level,
                                                                      "qwix"))(x[None]))[0])
+  # With batch axes the unit axis sits after them: a row-wise product keeps its shape.
+  rowwise = (((1,), (1,)), ((0,), (0,)))
+  a, b = (jax.jit(lambda u, v, be=be: precision.quantized_dot_general(4, 4, be)(u, v, rowwise))(
+      x, x[::-1]) for be in precision.BACKENDS)
+  assert a.shape == b.shape == (4,)
 
 
 def test_unknown_backend_is_named():

@@ -249,14 +249,15 @@ def _qwix_dot_general(lhs_bits: int, rhs_bits: int) -> Callable:
                           channelwise_axes=_uncontracted(lhs.ndim, lhs_contract))
     q_rhs = qwix.quantize(rhs, rhs_type, calibration_method=QWIX_CALIBRATION,
                           channelwise_axes=_uncontracted(rhs.ndim, rhs_contract))
-    if lhs.ndim == 2 and rhs.ndim == 2:
+    if lhs.ndim == 2 and rhs.ndim == 2 and max(lhs_bits, rhs_bits) <= 4:
       # XLA's CPU compiler (jax 0.10) rejects a 2-D x 2-D dot of two int4 operands
       # ("custom element sizes on non-sub-byte types") and runs the 3-D one exactly:
-      # a unit batch axis on lhs, removed after.
+      # a unit axis in front of lhs, a free axis of the product, which dot_general
+      # places right after the batch axes; removed there.
       (lc, rc), (lb, rb) = dimension_numbers
       dims = ((tuple(a + 1 for a in lc), rc), (tuple(a + 1 for a in lb), rb))
       q_lhs = jax.tree.map(lambda a: a[None], q_lhs)
-      return qwix.dot_general(q_lhs, q_rhs, dims)[0]
+      return jnp.squeeze(qwix.dot_general(q_lhs, q_rhs, dims), axis=len(lb))
     return qwix.dot_general(q_lhs, q_rhs, dimension_numbers)
 
   return dot

@@ -39,7 +39,7 @@ from quee_jax.core.precision import Level
 # Primitives that call one inner jaxpr with their own operands: evaluated inline,
 # so the matmuls inside them are rewritten too.
 _CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "custom_jvp_call",
-                    "custom_vjp_call", "checkpoint", "remat", "named_call"})
+                    "custom_vjp_call", "checkpoint", "remat", "remat2", "named_call"})
 
 
 def _inner_jaxprs(eqn) -> list:
@@ -52,13 +52,12 @@ def _has_matmul(jaxpr) -> bool:
 
 
 def _call_jaxpr(eqn):
-  """(jaxpr, consts) of a call-like equation."""
-  for value in eqn.params.values():
-    if isinstance(value, jex_core.ClosedJaxpr):
-      return value.jaxpr, value.consts
-    if isinstance(value, jex_core.Jaxpr):
-      return value, ()
-  raise ValueError(f"{eqn.primitive.name}: no inner jaxpr")  # not reached for _CALLS
+  """(jaxpr, consts) of a call-like equation (every one in _CALLS holds one)."""
+  value = next(v for v in eqn.params.values()
+               if isinstance(v, (jex_core.ClosedJaxpr, jex_core.Jaxpr)))
+  if isinstance(value, jex_core.ClosedJaxpr):
+    return value.jaxpr, value.consts
+  return value, ()
 
 
 def _dot(eqn, lhs, rhs, lhs_weight: bool, rhs_weight: bool, level: Level, backend: str):
@@ -78,7 +77,9 @@ def _dot(eqn, lhs, rhs, lhs_weight: bool, rhs_weight: bool, level: Level, backen
     return fn()
 
 
-def _evaluate(jaxpr, consts, args, weights, level: Level, backend: str, where: str) -> list:
+def _evaluate(jaxpr, consts, args, weights, level: Level, backend: str, where: str
+              ) -> tuple[list, list[bool]]:
+  """The jaxpr's outputs, and for each whether it is computed from weights alone."""
   env, is_weight = {}, {}
 
   def read(v):
@@ -95,6 +96,7 @@ def _evaluate(jaxpr, consts, args, weights, level: Level, backend: str, where: s
     flags = [weight(v) for v in eqn.invars]
     name = eqn.primitive.name
     inner = _inner_jaxprs(eqn)
+    out_flags = [all(flags)] * len(eqn.outvars)
     if name == "dot_general":
       outs = [_dot(eqn, *invals, *flags, level, backend)]
     elif name == "conv_general_dilated" and not level.is_float and not all(flags):
@@ -103,18 +105,18 @@ def _evaluate(jaxpr, consts, args, weights, level: Level, backend: str, where: s
                        " which runs float)")
     elif inner and any(_has_matmul(j) for j in inner):
       if name not in _CALLS:
-        raise ValueError(f"{where}: a matmul inside `{name}` (a loop or branch) cannot be run at"
-                         f" level {level!r}; give each block its own module call instead of"
-                         " scanning over blocks")
+        # At every level, float included: the cost model needs each matmul's operands.
+        raise ValueError(f"{where}: a matmul inside `{name}` (a loop or branch) cannot be"
+                         " rewritten to a precision level; give each block its own module call"
+                         " instead of scanning over blocks")
       sub, sub_consts = _call_jaxpr(eqn)
-      outs = _evaluate(sub, sub_consts, invals, flags, level, backend, where)
+      outs, out_flags = _evaluate(sub, sub_consts, invals, flags, level, backend, where)
     else:
       outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
       outs = outs if eqn.primitive.multiple_results else [outs]
-    out_weight = all(flags)
-    for v, value in zip(eqn.outvars, outs):
-      env[v], is_weight[v] = value, out_weight
-  return [read(v) for v in jaxpr.outvars]
+    for v, value, w in zip(eqn.outvars, outs, out_flags):
+      env[v], is_weight[v] = value, w
+  return [read(v) for v in jaxpr.outvars], [weight(v) for v in jaxpr.outvars]
 
 
 def at_level(fn: Callable[[Any, Any], Any], level: Level | str,
@@ -135,7 +137,7 @@ def at_level(fn: Callable[[Any, Any], Any], level: Level | str,
     n_params = len(jax.tree.leaves(params))
     leaves = jax.tree.leaves((params, x))
     weights = [True] * n_params + [False] * (len(leaves) - n_params)
-    outs = _evaluate(jaxpr.jaxpr, jaxpr.consts, leaves, weights, level, backend, where)
+    outs, _ = _evaluate(jaxpr.jaxpr, jaxpr.consts, leaves, weights, level, backend, where)
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
   return run

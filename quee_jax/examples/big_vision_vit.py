@@ -153,8 +153,14 @@ def export_big_vision(params: vit.Params, cfg: vit.ViTConfig) -> dict[str, np.nd
           "embedding/bias": np.asarray(params["embedding"]["bias"])}
   if cfg.pool == "cls":
     flat["cls"] = np.asarray(params["cls"])
-  if cfg.posemb == "learn":  # ours carry the class token's position first; big_vision's don't
-    flat["pos_embedding"] = np.asarray(params["pos_embedding"])[:, int(cfg.pool == "cls"):]
+  if cfg.posemb == "learn":
+    pos = np.asarray(params["pos_embedding"])
+    if cfg.pool == "cls":
+      # Ours carry the class token's position first, big_vision's do not: the class token
+      # is the same for every input, so its position folds into it exactly.
+      flat["cls"] = flat["cls"] + pos[:, :1]
+      pos = pos[:, 1:]
+    flat["pos_embedding"] = pos
   for i, b in enumerate(params["blocks"]):
     pre = f"Transformer/encoderblock_{i}"
     qkv_k = np.split(np.asarray(b["qkv"]["kernel"]), 3, axis=1)

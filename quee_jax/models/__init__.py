@@ -6,8 +6,6 @@ names the architecture: 'vit' (the default) or 'bert'.
 
 from __future__ import annotations
 
-import functools
-
 from quee_jax.core import precision
 from quee_jax.core.backbone import Backbone
 from quee_jax.models import bert, vit
@@ -28,13 +26,9 @@ def make_config(model: dict) -> ModelConfig:
     raise ValueError(f"{e} (arch {arch!r})") from None
 
 
-@functools.cache
 def backbone(cfg: ModelConfig, backend: str = precision.DEFAULT_BACKEND) -> Backbone:
-  """The model behind the backbone interface, quantized with `backend` ('aqt' or 'qwix').
-
-  Cached: one config gives one Backbone, so functions jitted with it as a static
-  argument compile once.
-  """
+  """The model behind the backbone interface, quantized with `backend` ('aqt' or 'qwix');
+  one Backbone object per (config, backend) (`layers.multi_exit_backbone`)."""
   if isinstance(cfg, bert.BertConfig):
     return bert.backbone(cfg, backend)
   if isinstance(cfg, vit.ViTConfig):

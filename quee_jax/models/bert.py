@@ -171,8 +171,11 @@ def sentence_embedding(params: Params, ids: jax.Array, cfg: BertConfig,
   return pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True)
 
 
+def _check_inputs(ids, cfg: BertConfig) -> None:
+  check_ids(ids, cfg, "images")  # the runtime's argument name for any model's inputs
+
+
 def backbone(cfg: BertConfig, backend: str = precision.DEFAULT_BACKEND) -> Backbone:
   """The encoder behind the backbone interface the QuEE core uses, quantized with `backend`."""
   return multi_exit_backbone(cfg, embed=embed, block=block, pool=pool,
-                             check_inputs=lambda ids, cfg: check_ids(ids, cfg, "images"),
-                             backend=backend)
+                             check_inputs=_check_inputs, backend=backend)

@@ -62,7 +62,8 @@ def linen_part(module: nn.Module, params: str, *, output: Callable[[Any], jax.Ar
   `output=lambda out: out[0]`).
   """
   if not isinstance(module, nn.Module):
-    raise ValueError(f"linen_part: expected a flax.linen Module, got {type(module).__name__}")
+    raise ValueError(f"module: expected a flax.linen Module (linen_part), got"
+                     f" {type(module).__name__}")
   pick = output or (lambda out: out)
 
   def apply(p, h):
@@ -76,7 +77,8 @@ def nnx_part(module: nnx.Module, params: str, *, output: Callable[[Any], jax.Arr
   """An NNX module, called with its parameters replaced by the subtree at path `params`
   (an `nnx.State` as `nnx.state(module, nnx.Param)` gives, or its pure dict)."""
   if not isinstance(module, nnx.Module):
-    raise ValueError(f"nnx_part: expected a flax.nnx Module, got {type(module).__name__}")
+    raise ValueError(f"module: expected a flax.nnx Module (nnx_part), got"
+                     f" {type(module).__name__}")
   graphdef, _, rest = nnx.split(module, nnx.Param, ...)
   pick = output or (lambda out: out)
 
@@ -142,9 +144,12 @@ class FlaxModel:
 
   def __post_init__(self):
     blocks = tuple(self.blocks)
-    if not blocks or not all(isinstance(b, Part) for b in (self.embed, *blocks)):
-      raise ValueError("FlaxModel: embed and blocks must be Parts (linen_part, nnx_part),"
-                       " with at least one block")
+    if not blocks:
+      raise ValueError("FlaxModel.blocks: expected at least one block Part, got none")
+    for name, part in (("embed", self.embed), *((f"blocks[{i}]", b) for i, b in enumerate(blocks))):
+      if not isinstance(part, Part):
+        raise ValueError(f"FlaxModel.{name}: expected a Part (linen_part, nnx_part), got"
+                         f" {type(part).__name__}")
     object.__setattr__(self, "blocks", blocks)
     object.__setattr__(self, "exits", validate_exits(tuple(self.exits), len(blocks),
                                                      "FlaxModel.exits"))

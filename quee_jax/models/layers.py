@@ -9,6 +9,7 @@ predictors see. `multi_exit_backbone` wires a model's embed / block / pool into
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -116,9 +117,16 @@ def multi_exit_backbone(cfg, *, embed: Callable, block: Callable, pool: Callable
   """The Backbone of a model whose functions take `cfg` last; heads on `pool(h, cfg)`;
   blocks quantized with `backend` (`block(..., cfg, backend=backend)`).
 
-  cfg needs depth, exits, num_classes and to_dict().
+  cfg needs depth, exits, num_classes and to_dict(). One (cfg, functions, backend) gives one
+  Backbone object, so functions jitted with it as a static argument (keyed by identity, as
+  `train.evaluate_exits` does) compile once per config.
   """
-  precision.check_backend(backend)
+  return _multi_exit_backbone(cfg, embed, block, pool, check_inputs,
+                              precision.check_backend(backend))
+
+
+@functools.cache
+def _multi_exit_backbone(cfg, embed, block, pool, check_inputs, backend) -> Backbone:
   return Backbone(
       num_blocks=cfg.depth,
       exits=cfg.exits,

@@ -33,14 +33,14 @@ import jax
 import ml_collections
 
 from quee_jax import collect, data, protocol, train
-from quee_jax.core import cost, paths
+from quee_jax.core import cost, paths, precision
 from quee_jax.core.progress import notice
 from quee_jax.core.table import StateTable, load_table, save_table
 from quee_jax.gating import features
 from quee_jax.models import bert, bert_import, vit_import
 from quee_jax.pipeline.plan import STAGES, Plan, checked, make_plan
-from quee_jax.pipeline.workdir import (LOCK, lock, made_with, read_json, stage_dir, stamps,
-                                       write_sealed)
+from quee_jax.pipeline.workdir import (LOCK, lock, made_with, quant_backend, read_json,
+                                       stage_dir, stamps, write_sealed)
 from quee_jax.protocol import report
 from quee_jax.runtime import device_check
 
@@ -130,18 +130,24 @@ def accuracy_stage(r: Run) -> None:
   old = read_json(acc_path)  # a damaged one: a notice, and None
   stamp = (old or {}).get("config")
   same_model = isinstance(stamp, dict) and stamp.get("model") == model_cfg
+  backend = quant_backend(c)
+  same_ladder = made_with(acc_path, "ladder", c.ladder, quiet=True)
+  same_backend = same_model and stamp.get(  # files from before the choice: AQT
+      "quant_backend", precision.DEFAULT_BACKEND) == backend
   accuracy = (old or {}).get("test_accuracy")
-  if not same_model or not made_with(acc_path, "ladder", c.ladder, quiet=True) or not accuracy:
+  if not (same_model and same_ladder and same_backend) or not accuracy:
     if old is not None and not same_model:
       notice(f"{acc_path} was made with another model config; measuring it again")
-    elif old is not None:
-      notice(f"{acc_path} was measured with another ladder; measuring it again")
+    elif old is not None and not (same_ladder and same_backend):
+      other = "ladder" if not same_ladder else "quantization backend"
+      notice(f"{acc_path} was measured with another {other}; measuring it again")
     accuracy = train.accuracy_table(r.plan.multi_exit, r.params(), r.splits.test,
                                     r.plan.ladder)
     train_s = dict(r.timings)
     if same_model and "train_s" in old:  # only the ladder changed: keep the training times
       train_s = old["train_s"]
-    write_sealed(acc_path, {"config": {"model": model_cfg, "ladder": c.ladder},
+    write_sealed(acc_path, {"config": {"model": model_cfg, "ladder": c.ladder,
+                                       "quant_backend": backend},
                             "test_accuracy": accuracy, "train_s": train_s,
                             "device": jax.devices()[0].device_kind}, indent=1)
     accuracy = read_json(acc_path)["test_accuracy"]  # as later runs read it

@@ -197,17 +197,26 @@ def stamps(c: ml_collections.ConfigDict) -> dict:
                      "init_from": c.init_from, "init_head": c.init_head, "dataset": c.dataset,
                      "seed": c.seed, "splits": c.splits.to_dict()})
   model = {**backbone, "exit_heads": c.exit_heads.to_dict(), "exit_heads_level": c.exit_heads_level}
-  backend = c.get("quant_backend", precision.DEFAULT_BACKEND)
+  tables = {"model": model, "ladder": c.ladder, "family": c.family, "cost_unit": c.cost_unit,
+            "summary_dim": c.collect.summary_dim}
+  backend = quant_backend(c)
   if backend != precision.DEFAULT_BACKEND:
-    # Quantized levels (exit heads at exit_heads_level, accuracy, tables, all after) depend
-    # on the backend. Named only when it is not the default, so that work directories made
-    # before there was a choice keep their stamps and are not recomputed.
-    model["quant_backend"] = backend
-  tables = _plain({"model": model, "ladder": c.ladder, "family": c.family,
-                   "cost_unit": c.cost_unit, "summary_dim": c.collect.summary_dim})
+    # What runs quantized levels depends on the backend: the tables (and all after them),
+    # and the exit heads when they are trained on quantized features. Named only when it is
+    # not the default, so that work directories made before there was a choice keep their
+    # stamps and are not recomputed.
+    tables["quant_backend"] = backend
+    if not precision.parse_level(c.exit_heads_level).is_float:
+      model["quant_backend"] = backend
+  tables = _plain(tables)
   return {"backbone": backbone, "model": model, "tables": tables,
           "eval": _plain({"tables": tables, "eval": c.eval.to_dict(),
                           "results_version": protocol.RESULTS_VERSION})}
+
+
+def quant_backend(c: ml_collections.ConfigDict) -> str:
+  """The config's quantization backend (configs written before there was a choice: AQT)."""
+  return c.get("quant_backend", precision.DEFAULT_BACKEND)
 
 
 def load_finished(workdir: str) -> tuple[ml_collections.ConfigDict, Plan, dict]:

@@ -22,9 +22,10 @@ exactly. What can be is the integer arithmetic itself. So the check stops
   1. any integer dot of the forward at the shapes it runs here — every
      `dot_general` on integer operands in the traced backbone at each integer
      level and in the predictors, found in their jaxprs — is not bit-exact:
-     the dot of random int8 operands in [-127, 127] on the device against the
-     same dot on the host CPU (integer dots have no rounding, and the int32 sum
-     of K products of int8 is exact for K < 2^17; tests/test_int8_dots.py checks
+     the dot of random operands of its dtypes (int8 in [-127, 127]; qwix's int4
+     in [-8, 7]) on the device against the same dot on the host CPU (integer
+     dots have no rounding, and the int32 sum of K products of int8 is exact for
+     K < 2^17; tests/test_int8_dots.py checks
      the CPU's against numpy's int64 product). The shapes are those at the
      check's batch (NUM_INPUTS); a batch size that selects another kernel is
      not covered, which rule 3 and the bench's mismatch count backstop;
@@ -73,11 +74,14 @@ class DeviceMismatch(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class IntDot:
-  """One integer dot as a forward runs it: operand shapes and `dot_general` dimension numbers."""
+  """One integer dot as a forward runs it: operand shapes, `dot_general` dimension numbers and
+  operand dtypes (int8 under AQT; qwix stores 2-4 bits in int4)."""
 
   lhs: tuple[int, ...]
   rhs: tuple[int, ...]
   dims: tuple  # ((lhs contracting, rhs contracting), (lhs batch, rhs batch))
+  lhs_dtype: str = "int8"
+  rhs_dtype: str = "int8"
 
   def __str__(self) -> str:
     return f"[{','.join(map(str, self.lhs))}]x[{','.join(map(str, self.rhs))}]"
@@ -115,12 +119,13 @@ class LevelCheck:
 
 def _dots_in(jaxpr, out: dict) -> None:
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general" and all(
-        np.issubdtype(v.aval.dtype, np.integer) for v in eqn.invars):
+    if eqn.primitive.name == "dot_general" and all(  # jnp's: numpy's misses int4
+        jax.numpy.issubdtype(v.aval.dtype, jax.numpy.integer) for v in eqn.invars):
       lhs, rhs = (tuple(v.aval.shape) for v in eqn.invars)
       (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
       dims = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
-      out[IntDot(lhs, rhs, dims)] = None
+      lhs_dtype, rhs_dtype = (str(v.aval.dtype) for v in eqn.invars)
+      out[IntDot(lhs, rhs, dims, lhs_dtype, rhs_dtype)] = None
     for sub in jex.jaxprs_in_params(eqn.params):
       _dots_in(sub, out)
 
@@ -132,13 +137,23 @@ def integer_dots(fn: Callable, *args) -> list[IntDot]:
   return list(out)
 
 
+# The codes each container holds: AQT's int8 in [-127, 127], qwix's int4 in [-8, 7].
+_CODES = {"int8": (-127, 127), "int4": (-8, 7)}
+
+
+def _operand(rng: np.random.Generator, shape, dtype: str):
+  low, high = _CODES.get(dtype, _CODES["int8"])
+  values = rng.integers(low, high + 1, size=shape, dtype=np.int8)
+  return values if dtype == "int8" else jax.numpy.asarray(values, dtype=dtype)
+
+
 def run_int_dots(dots: list[IntDot], device) -> list[np.ndarray]:
-  """Each dot of fixed random int8 operands in [-127, 127] (AQT's range) on `device`, as int32."""
+  """Each dot of fixed random operands of its dtypes (every code the container holds) on
+  `device`, as int32."""
   rng = np.random.default_rng(0)
   out = []
   for d in dots:
-    a = rng.integers(-127, 128, size=d.lhs, dtype=np.int8)
-    b = rng.integers(-127, 128, size=d.rhs, dtype=np.int8)
+    a, b = _operand(rng, d.lhs, d.lhs_dtype), _operand(rng, d.rhs, d.rhs_dtype)
     fn = jax.jit(lambda a, b, dims=d.dims: jax.lax.dot_general(
         a, b, dims, preferred_element_type=np.int32))
     out.append(np.asarray(fn(*jax.device_put((a, b), device))))
