@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +58,8 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict:
 def block_seconds(bb: Backbone, params, h: jax.Array, level: precision.Level, reps: int
                   ) -> float:
   """Median seconds of one jitted call of block 0 at `level` on the hidden states h."""
-  return seconds(jax.jit(lambda p, h: bb.block(p, 0, h, level)), params, h, reps=reps)
+  fn = jax.jit(lambda p, h: bb.block(p, 0, h, level))
+  return bench_runtime.median_seconds(lambda: jax.block_until_ready(fn(params, h)), reps)
 
 
 def compare_backends(plan, params, inputs, labels, batch: int, time_batch: int, reps: int
@@ -91,17 +91,6 @@ def qwix_ptq_block(module, block_params, h: jax.Array, level: precision.Level):
   return jax.jit(lambda p, h: model.apply({"params": p}, h)[0]), quantized
 
 
-def seconds(fn, *args, reps: int) -> float:
-  """Median seconds of `reps` calls of a jitted fn, after one to compile."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
-
-
 def compare_flax(plan, params, inputs, batch: int, time_batch: int, reps: int) -> dict:
   cfg: vit.ViTConfig = plan.model
   checkpoint = big_vision_vit.export_big_vision(params, cfg)
@@ -130,7 +119,8 @@ def compare_flax(plan, params, inputs, batch: int, time_batch: int, reps: int) -
                                          level)
         adapter = jax.jit(lambda p, h: flax_bb.block(p, 0, h, level))(flax_params, h)
         row["ptq_max_abs_diff"] = float(jnp.abs(ptq(ptq_params, h) - adapter).max())
-        row["ptq_block_ms"] = 1e3 * seconds(ptq, ptq_params, h, reps=reps)
+        row["ptq_block_ms"] = 1e3 * bench_runtime.median_seconds(
+            lambda: jax.block_until_ready(ptq(ptq_params, h)), reps)
       out[f"{backend}/{level}"] = row
   return out
 

@@ -29,7 +29,6 @@ from typing import Any, Callable, Mapping, NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 from flax import nnx
 
@@ -90,11 +89,11 @@ def nnx_part(module: nnx.Module, params: str, *, output: Callable[[Any], jax.Arr
 
 def subtree(tree: Params, path: str, what: str) -> Params:
   """The subtree of `tree` at '/'-separated `path`; ValueError naming `what` if absent."""
-  node = tree
-  for i, key in enumerate(k for k in path.split("/") if k):
+  node, keys = tree, [k for k in path.split("/") if k]
+  for i, key in enumerate(keys):
     if not isinstance(node, Mapping) or key not in node:
       have = sorted(node) if isinstance(node, Mapping) else type(node).__name__
-      where = "/".join(path.split("/")[:i]) or "the root"
+      where = "/".join(keys[:i]) or "the root"
       raise ValueError(f"{what}: no parameters at {path!r} (no {key!r} under {where};"
                        f" found {have})")
     node = node[key]
@@ -108,12 +107,6 @@ def _apply(part: Part, p: Params, h, what: str):
     first = str(e).splitlines()[0]
     raise ValueError(f"{what} ({part.name} with the parameters at {part.params!r}): {first}"
                      ) from None
-
-
-def _xavier(key, fan_in, fan_out):
-  limit = np.sqrt(6.0 / (fan_in + fan_out))
-  return {"kernel": jax.random.uniform(key, (fan_in, fan_out), jnp.float32, -limit, limit),
-          "bias": jnp.zeros((fan_out,), jnp.float32)}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -166,7 +159,8 @@ class FlaxModel:
     """{'model': model_params, 'heads': fresh exit heads} (every path checked)."""
     for i, part in enumerate((self.embed, *self.blocks)):
       subtree(model_params, part.params, "embed" if i == 0 else f"blocks[{i - 1}]")
-    heads = layers.init_heads(key, len(self.exits), self.dim, self.num_classes, _xavier)
+    heads = layers.init_heads(key, len(self.exits), self.dim, self.num_classes,
+                             layers.xavier_dense)
     return {"model": model_params, "heads": heads}
 
   def pooled(self, h: jax.Array) -> jax.Array:

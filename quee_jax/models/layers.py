@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from quee_jax.core import precision
 from quee_jax.core.backbone import Backbone, validate_exits
@@ -45,6 +46,14 @@ def check_transformer_config(cfg, positive_ints: tuple[str, ...]) -> None:
 
 def ln_init(dim: int) -> Params:
   return {"scale": jnp.ones((dim,), jnp.float32), "bias": jnp.zeros((dim,), jnp.float32)}
+
+
+def xavier_dense(key: jax.Array, fan_in: int, fan_out: int) -> Params:
+  """A fresh Dense layer: Xavier-uniform kernel (as big_vision's ViT), zero bias. Heads too:
+  a zero head would make every exit of an untrained model predict class 0."""
+  limit = np.sqrt(6.0 / (fan_in + fan_out))
+  return {"kernel": jax.random.uniform(key, (fan_in, fan_out), jnp.float32, -limit, limit),
+          "bias": jnp.zeros((fan_out,), jnp.float32)}
 
 
 def init_blocks(key: jax.Array, depth: int, dim: int, mlp_dim: int,

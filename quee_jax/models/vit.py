@@ -22,7 +22,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from quee_jax.core import precision
 from quee_jax.core.backbone import Backbone
@@ -36,6 +35,7 @@ from quee_jax.models.layers import (
   init_heads,
   layer_norm,
   multi_exit_backbone,
+  xavier_dense,
 )
 
 Params = dict[str, Any]
@@ -78,22 +78,14 @@ class ViTConfig:
     return {"model": "vit", **dataclasses.asdict(self), "exits": list(self.exits)}
 
 
-def _dense_init(key, fan_in, fan_out):
-  # Xavier uniform, as big_vision's ViT; heads too (a zero head would make
-  # every exit of an untrained model predict class 0).
-  limit = np.sqrt(6.0 / (fan_in + fan_out))
-  return {"kernel": jax.random.uniform(key, (fan_in, fan_out), jnp.float32, -limit, limit),
-          "bias": jnp.zeros((fan_out,), jnp.float32)}
-
-
 def init(key: jax.Array, cfg: ViTConfig) -> Params:
   """Random parameters for `cfg`."""
   k_embed, k_pos, k_blocks, k_heads = jax.random.split(key, 4)
   d = cfg.dim
   params = {
-      "embedding": _dense_init(k_embed, cfg.patch * cfg.patch * cfg.channels, d),
-      "blocks": init_blocks(k_blocks, cfg.depth, d, cfg.mlp_dim, _dense_init),
-      "heads": init_heads(k_heads, len(cfg.exits), d, cfg.num_classes, _dense_init),
+      "embedding": xavier_dense(k_embed, cfg.patch * cfg.patch * cfg.channels, d),
+      "blocks": init_blocks(k_blocks, cfg.depth, d, cfg.mlp_dim, xavier_dense),
+      "heads": init_heads(k_heads, len(cfg.exits), d, cfg.num_classes, xavier_dense),
   }
   if cfg.pool == "cls":
     params["cls"] = jnp.zeros((1, 1, d), jnp.float32)

@@ -41,6 +41,12 @@ class Plan:
     return models.backbone(self.model, self.quant_backend)
 
 
+def quant_backend(c: ml_collections.ConfigDict) -> str:
+  """The config's quantization backend (configs written before there was a choice, such as
+  an older work directory's config.json: AQT)."""
+  return c.get("quant_backend", precision.DEFAULT_BACKEND)
+
+
 def checked(key: str, build, *args, **kwargs):
   """build(*args, **kwargs), its errors prefixed with the config key they came from."""
   try:
@@ -73,9 +79,7 @@ def make_plan(c: ml_collections.ConfigDict, stages=STAGES) -> Plan:
     raise ValueError(f"--config.model.num_classes: {c.dataset} has {classes} classes,"
                      f" got {model.num_classes}")
   ladder = checked("ladder", precision.parse_ladder, c.ladder)
-  # Configs written before backends existed (a work directory's config.json) have no key.
-  quant_backend = precision.check_backend(c.get("quant_backend", precision.DEFAULT_BACKEND),
-                                         "--config.quant_backend")
+  backend = precision.check_backend(quant_backend(c), "--config.quant_backend")
   if c.family not in paths.FAMILIES:
     raise ValueError(f"--config.family: unknown {c.family!r}; expected one of {sorted(paths.FAMILIES)}")
   if c.cost_unit not in COST_UNITS:
@@ -115,4 +119,4 @@ def make_plan(c: ml_collections.ConfigDict, stages=STAGES) -> Plan:
     raise ValueError(f"--config.eval.signal_level: expected a level of the ladder"
                      f" {list(ladder)} or '', got {ev.signal_level!r}")
   return Plan(model, ladder, backbone, exit_heads, heads_level, eval_cfg, tuple(stages),
-              quant_backend)
+              backend)

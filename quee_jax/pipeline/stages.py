@@ -38,9 +38,9 @@ from quee_jax.core.progress import notice
 from quee_jax.core.table import StateTable, load_table, save_table
 from quee_jax.gating import features
 from quee_jax.models import bert, bert_import, vit_import
-from quee_jax.pipeline.plan import STAGES, Plan, checked, make_plan
-from quee_jax.pipeline.workdir import (LOCK, lock, made_with, quant_backend, read_json,
-                                       stage_dir, stamps, write_sealed)
+from quee_jax.pipeline.plan import STAGES, Plan, checked, make_plan, quant_backend
+from quee_jax.pipeline.workdir import (LOCK, lock, made_with, read_json, stage_dir, stamps,
+                                       write_sealed)
 from quee_jax.protocol import report
 from quee_jax.runtime import device_check
 

@@ -26,7 +26,7 @@ import ml_collections
 from quee_jax import protocol
 from quee_jax.core import precision, table
 from quee_jax.core.progress import first_line, notice
-from quee_jax.pipeline.plan import Plan, make_plan
+from quee_jax.pipeline.plan import Plan, make_plan, quant_backend
 from quee_jax.protocol.storage import write_json
 
 
@@ -212,11 +212,6 @@ def stamps(c: ml_collections.ConfigDict) -> dict:
   return {"backbone": backbone, "model": model, "tables": tables,
           "eval": _plain({"tables": tables, "eval": c.eval.to_dict(),
                           "results_version": protocol.RESULTS_VERSION})}
-
-
-def quant_backend(c: ml_collections.ConfigDict) -> str:
-  """The config's quantization backend (configs written before there was a choice: AQT)."""
-  return c.get("quant_backend", precision.DEFAULT_BACKEND)
 
 
 def load_finished(workdir: str) -> tuple[ml_collections.ConfigDict, Plan, dict]:
