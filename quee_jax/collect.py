@@ -15,16 +15,18 @@ accelerators take each stack in one call.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from quee_jax.core.backbone import Backbone, Params
+from quee_jax.core import hosts
+from quee_jax.core.backbone import Backbone, ByIdentity, Params
 from quee_jax.core.exit_stats import FEATURES, softmax_features, summary_projection
 from quee_jax.core.paths import PathFamily
 from quee_jax.core.progress import Progress
@@ -119,18 +121,24 @@ def make_collect_fn(backbone: Backbone, family: PathFamily, keep_logits: bool = 
   return fn
 
 
-def padded_batches(inputs: np.ndarray, labels: np.ndarray, batch_size: int
-                   ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-  """Fixed-size batches; the last is zero-padded. Yields (inputs, labels, n_valid)."""
+def padded_batches(inputs: np.ndarray, labels: np.ndarray, batch_size: int,
+                   rows: slice = slice(None)) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+  """Fixed-size batches; the last is zero-padded. Yields (inputs, labels, n_valid).
+
+  rows: read only these rows of every batch (a process's block of a global batch); the
+  yielded arrays are that block, n_valid counts the valid samples of the whole batch.
+  """
   n = len(labels)
+  lo, hi, _ = rows.indices(batch_size)
   for start in range(0, n, batch_size):
-    x = np.asarray(inputs[start:start + batch_size])
-    y = np.asarray(labels[start:start + batch_size])
-    valid = len(y)
-    if valid < batch_size:
-      x = np.concatenate([x, np.zeros((batch_size - valid, *x.shape[1:]), x.dtype)])
-      y = np.concatenate([y, np.zeros((batch_size - valid,), y.dtype)])
-    yield x, y, valid
+    end = min(start + hi, n)
+    x = np.asarray(inputs[min(start + lo, end):end])
+    y = np.asarray(labels[min(start + lo, end):end])
+    short = hi - lo - len(y)
+    if short:
+      x = np.concatenate([x, np.zeros((short, *x.shape[1:]), x.dtype)])
+      y = np.concatenate([y, np.zeros((short,), y.dtype)])
+    yield x, y, min(batch_size, n - start)
 
 
 def _check_family(backbone: Backbone, family: PathFamily) -> None:
@@ -153,6 +161,49 @@ def _checked_labels(inputs, labels, num_classes: int) -> np.ndarray:
   return labels
 
 
+@functools.lru_cache(maxsize=8)
+def _collect_step(backbone: ByIdentity, family: ByIdentity, keep_logits: bool,
+                  rows_per_call: int, summary_dim: int, devices: tuple):
+  """(jitted collection step, unpacking of its output, its mesh): one per model, family,
+  settings and devices, so that the fit, cal and test tables (and a benchmark's passes)
+  compile it once."""
+  mesh = hosts.mesh(list(devices))
+  replicated, by_sample = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
+  per_state = hosts.output_sharding(mesh, P(None, "batch"))
+  rows_per_call *= len(devices)  # the chunk is sized on each device's shard
+  fn = make_collect_fn(backbone.value, family.value, keep_logits, rows_per_call, summary_dim)
+  packed, unpack = _packing(fn)
+  step = jax.jit(packed, in_shardings=(replicated, by_sample, by_sample),
+                 out_shardings=per_state)
+  return step, unpack, mesh
+
+
+def _packing(fn):
+  """(fn with its outputs packed into one float32 array [S, B, K], the numpy unpacking).
+
+  A mesh over several processes gathers a step's outputs to every process: one array
+  gathers in one collective, where each of eight outputs would add a collective's latency
+  to every batch. Every output is exact in float32 (int32 class indices < 2^24, booleans).
+  """
+  layout = []  # (name, dtype, width or 0 for [S, B]), recorded when jit traces fn
+
+  def packed(params, inputs, labels):
+    out = fn(params, inputs, labels)
+    layout[:] = [(k, v.dtype, v.shape[2] if v.ndim == 3 else 0) for k, v in sorted(out.items())]
+    return jnp.concatenate([(v[..., None] if v.ndim == 2 else v).astype(jnp.float32)
+                            for _, v in sorted(out.items())], axis=-1)
+
+  def unpack(a: np.ndarray) -> dict[str, np.ndarray]:
+    out, at = {}, 0
+    for name, dtype, width in layout:
+      part = a[..., at:at + max(width, 1)]
+      out[name] = (part if width else part[..., 0]).astype(dtype)
+      at += max(width, 1)
+    return out
+
+  return packed, unpack
+
+
 def collect_table(backbone: Backbone, params: Params, family: PathFamily,
                   inputs: np.ndarray, labels: np.ndarray, batch_size: int = 128, *,
                   keep_logits: bool = False, devices: list | None = None,
@@ -169,7 +220,9 @@ def collect_table(backbone: Backbone, params: Params, family: PathFamily,
     batch_size: samples per step; a multiple of the number of devices. The last
       batch is padded, so the function compiles once.
     keep_logits: also keep every state's logits ([S, N, C] float32).
-    devices: devices to shard each batch over (default: all local devices).
+    devices: devices to shard each batch over (default: `hosts.devices()`, every device of
+      every process; under several processes each reads its own block of every batch and
+      every process gets the whole table).
     rows_per_call: samples x states per block call on each device (None:
       `default_rows_per_call()`); a speed knob, results do not depend on it.
     summary_dim: keep this many dimensions of a fixed random projection of each
@@ -179,25 +232,22 @@ def collect_table(backbone: Backbone, params: Params, family: PathFamily,
   """
   _check_family(backbone, family)
   labels = _checked_labels(inputs, labels, backbone.num_classes)
-  devices = list(devices) if devices is not None else jax.local_devices()
+  devices = list(devices) if devices is not None else hosts.devices()
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
   if batch_size % len(devices):
     raise ValueError(f"batch_size: must be a multiple of the {len(devices)} devices,"
                      f" got {batch_size}")
 
-  mesh = Mesh(np.array(devices), ("batch",))
-  replicated, by_sample = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
-  per_state = NamedSharding(mesh, P(None, "batch"))
   if rows_per_call is None:
     rows_per_call = default_rows_per_call()
   if isinstance(rows_per_call, bool) or not isinstance(rows_per_call, int) or rows_per_call < 1:
     raise ValueError(f"rows_per_call: expected a positive int or None, got {rows_per_call!r}")
-  rows_per_call *= len(devices)  # the chunk is sized on each device's shard
   if isinstance(summary_dim, bool) or not isinstance(summary_dim, int) or summary_dim < 0:
     raise ValueError(f"summary_dim: expected a non-negative int, got {summary_dim!r}")
-  step = jax.jit(make_collect_fn(backbone, family, keep_logits, rows_per_call, summary_dim),
-                 in_shardings=(replicated, by_sample, by_sample), out_shardings=per_state)
+  step, unpack, mesh = _collect_step(ByIdentity(backbone), ByIdentity(family), keep_logits,
+                             rows_per_call, summary_dim, tuple(devices))
+  replicated, by_sample = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
   params = jax.device_put(params, replicated)
 
   chunks: list[dict[str, np.ndarray]] = []
@@ -205,14 +255,17 @@ def collect_table(backbone: Backbone, params: Params, family: PathFamily,
 
   def fetch(out_valid):
     out, valid = out_valid
-    chunks.append({k: np.asarray(v)[:, :valid] for k, v in out.items()})
+    chunks.append(unpack(hosts.to_host(out)[:, :valid]))
 
   num_batches = -(-len(labels) // batch_size)
+  mine = hosts.local_rows(by_sample, batch_size)
   # A bar on terminals, periodic log lines otherwise (a log file shows no bar).
-  with Progress(num_batches, f"collect {family.name}", unit="batch", enabled=progress,
+  with Progress(num_batches, f"collect {family.name}", unit="batch",
+                enabled=progress and hosts.is_writer(),
                 logger=log) as bar:
-    for x, y, valid in padded_batches(inputs, labels, batch_size):
-      out = step(params, jax.device_put(x, by_sample), jax.device_put(y, by_sample))
+    for x, y, valid in padded_batches(inputs, labels, batch_size, mine):
+      out = step(params, hosts.global_batch(x, by_sample, batch_size),
+                 hosts.global_batch(y, by_sample, batch_size))
       if pending is not None:
         fetch(pending)
         bar.update(1)

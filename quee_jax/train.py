@@ -24,10 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from quee_jax import models
-from quee_jax.core import checkpoints, precision
-from quee_jax.core.backbone import Backbone, exit_logits, exit_states
+from quee_jax.core import checkpoints, hosts, precision
+from quee_jax.core.backbone import Backbone, ByIdentity, exit_logits, exit_states
 from quee_jax.core.precision import FLOAT, Level
 from quee_jax.core.progress import Progress
 from quee_jax.data import Split
@@ -121,16 +123,24 @@ def fit(loss_fn: Callable[[Params, Params, jax.Array, jax.Array, jax.Array],
     raise ValueError(f"batch_size: {tc.batch_size} exceeds the {len(split)} samples of {split.name}")
   total = tc.steps(len(split))
   opt = _optimizer(tc, total, steps_per_epoch)
+  # Data-parallel over every device of every process (`hosts`): the state is whole on each
+  # device, each batch split by rows, and XLA sums the gradients across devices.
+  mesh = hosts.mesh()
+  whole, by_sample = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
+  if tc.batch_size % mesh.size:
+    raise ValueError(f"batch_size: must be a multiple of the {mesh.size} devices it is split"
+                     f" over, got {tc.batch_size}")
   manager = checkpoints.manager(workdir, tc.checkpoint_every)
-  state, start = checkpoints.restore(
-      manager, {"params": trainable, "opt_state": opt.init(trainable)}, workdir)
+  state, start = checkpoints.restore(manager, jax.device_put(
+      {"params": trainable, "opt_state": opt.init(trainable)}, whole), workdir)
   if start:
     log.info("%s: resuming at step %d of %d from %s", desc, start, total, workdir)
+  frozen = jax.device_put(frozen, whole)  # an argument: a closed-over array is a constant
 
   base_key = jax.random.key(tc.seed)
 
-  @jax.jit
-  def train_step(state, images, labels, step):
+  @functools.partial(jax.jit, out_shardings=whole)
+  def train_step(state, frozen, images, labels, step):
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], frozen, images, labels, jax.random.fold_in(base_key, step))
     updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
@@ -138,13 +148,17 @@ def fit(loss_fn: Callable[[Params, Params, jax.Array, jax.Array, jax.Array],
     return {"params": optax.apply_updates(state["params"], updates),
             "opt_state": opt_state}, {"loss": loss, **named}
 
+  mine = hosts.local_rows(by_sample, tc.batch_size)  # this process reads its rows only
   batches = split.batches(tc.batch_size, shuffle=True, seed=tc.seed, start_step=start,
-                          num_steps=total - start, augment=tc.augment)
+                          num_steps=total - start, augment=tc.augment, rows=mine)
   sums, count, t0 = {}, 0, time.time()
   # A bar on terminals; periodic lines in log files; and the per-epoch lines in both.
-  with Progress(total, desc, logger=log, initial=start) as bar:
+  with Progress(total, desc, logger=log, initial=start, enabled=hosts.is_writer()) as bar:
     for step, batch in enumerate(batches, start=start + 1):
-      state, metrics = train_step(state, batch.images, batch.labels, step)
+      state, metrics = train_step(state, frozen,
+                                  hosts.global_batch(batch.images, by_sample, tc.batch_size),
+                                  hosts.global_batch(batch.labels, by_sample, tc.batch_size),
+                                  step)
       manager.save(step, args=ocp.args.StandardSave(state), force=step == total)
       metrics = {k: float(v) for k, v in metrics.items()}
       for k in metrics:
@@ -254,21 +268,8 @@ def train_exit_heads(bb: Backbone, params: Params, split: Split, tc: TrainConfig
   return {**frozen, "heads": heads}
 
 
-class _ByIdentity:
-  """A static jit argument hashed by identity (a Backbone holds a dict and closures)."""
-
-  def __init__(self, value):
-    self.value = value
-
-  def __hash__(self):
-    return id(self.value)
-
-  def __eq__(self, other):
-    return isinstance(other, _ByIdentity) and other.value is self.value
-
-
 @functools.partial(jax.jit, static_argnums=(2, 3))
-def _exit_predictions(params: Params, inputs: jax.Array, bb: _ByIdentity, levels) -> jax.Array:
+def _exit_predictions(params: Params, inputs: jax.Array, bb: ByIdentity, levels) -> jax.Array:
   # Module-level and keyed on (backbone, levels): per-epoch evaluations compile once
   # (models.backbone and FlaxModel.backbone hand out one Backbone per config).
   return jnp.argmax(exit_logits(bb.value, params, inputs, levels), -1)
@@ -282,7 +283,7 @@ def evaluate_exits(bb: Backbone, params: Params, split: Split,
   levels = tuple(precision.parse_level(q) for q in levels)
   correct, n = np.zeros(len(bb.exits)), 0
   for batch in split.batches(batch_size):
-    pred = np.asarray(_exit_predictions(params, batch.images, _ByIdentity(bb), levels))
+    pred = np.asarray(_exit_predictions(params, batch.images, ByIdentity(bb), levels))
     correct += ((pred == batch.labels) & batch.mask).sum(axis=1)
     n += batch.mask.sum()
   return correct / n

@@ -8,6 +8,8 @@
   table        state tables: every state of a family on every sample, on disk
   checkpoints  orbax checkpoints that resume training, and start over where damaged
   progress     progress of a long loop on a terminal or in a log file
+  hosts        the processes of a run: one, or one per host of a multi-host slice
 """
 
-from quee_jax.core import backbone, checkpoints, cost, exit_stats, paths, precision, progress, table
+from quee_jax.core import (backbone, checkpoints, cost, exit_stats, hosts, paths, precision,
+                           progress, table)

@@ -85,3 +85,17 @@ def exit_logits(backbone: Backbone, params: Params, inputs: jax.Array,
   """Every exit's logits [num_exits, batch, classes] with block i at levels[i]."""
   states = exit_states(backbone, params, inputs, levels)
   return jax.numpy.stack([backbone.exit_head(params, e, h) for e, h in enumerate(states)])
+
+
+class ByIdentity:
+  """A value hashed by identity, for jit's static arguments and caches keyed on objects
+  that do not hash (a Backbone holds a dict and closures; a PathFamily, arrays)."""
+
+  def __init__(self, value):
+    self.value = value
+
+  def __hash__(self):
+    return id(self.value)
+
+  def __eq__(self, other):
+    return isinstance(other, ByIdentity) and other.value is self.value

@@ -25,8 +25,13 @@ def softmax_features(logits: jax.Array, parent_logits: jax.Array | None = None
   """
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   p = jnp.exp(logp)
-  top2 = jax.lax.top_k(p, 2)[0]
-  out = {"max_prob": top2[..., 0], "margin": top2[..., 0] - top2[..., 1],
+  # The top two as a max and a max without the argmax, the same values as lax.top_k's:
+  # XLA's SPMD partitioner gathers a top_k's batch axis onto every device (each then sorts
+  # the whole batch), where these split by rows like the rest of the collection step.
+  first = jnp.max(p, axis=-1)
+  top = jnp.argmax(p, axis=-1)
+  second = jnp.max(jnp.where(jnp.arange(p.shape[-1]) == top[..., None], -jnp.inf, p), axis=-1)
+  out = {"max_prob": first, "margin": first - second,
          "entropy": -jnp.sum(p * logp, axis=-1)}
   if parent_logits is None:
     out["kl_parent"] = jnp.zeros_like(out["max_prob"])

@@ -69,21 +69,27 @@ class Split:
     """The preprocessed inputs (images, or token ids) as a lazily read, sliceable array-like."""
     return SplitImages(self)
 
-  def read(self, positions: np.ndarray, augment_seed: tuple[int, ...] | None = None
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """Preprocessed inputs and labels at `positions` (images augmented if a seed is given)."""
+  def read(self, positions: np.ndarray, augment_seed: tuple[int, ...] | None = None,
+           augment_at: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocessed inputs and labels at `positions` (images augmented if a seed is given).
+
+    augment_at: (offset, total) when `positions` are rows offset.. of a batch of `total`
+    (a process's block): each row is augmented as it is in the whole batch.
+    """
     images, labels = self.source.read(self.indices[positions])
     if self.info.kind == "text":
       return self.tokenizer(list(images)), np.asarray(labels, np.int32)
     if images.shape[1:3] != (self.image_size, self.image_size):
       images = np.stack([fit_image(im, self.image_size) for im in images])
     if augment_seed is not None and self.info.augment:
-      images = augment(images, self.info.augment, np.random.default_rng(augment_seed))
+      offset, total = augment_at or (0, len(images))
+      images = augment(images, self.info.augment, np.random.default_rng(augment_seed),
+                       offset, total)
     return images.astype(np.float32) / 127.5 - 1.0, labels.astype(np.int32)
 
   def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-              start_step: int = 0, num_steps: int | None = None, augment: bool = False
-              ) -> Iterator[Batch]:
+              start_step: int = 0, num_steps: int | None = None, augment: bool = False,
+              rows: slice = slice(None)) -> Iterator[Batch]:
     """Fixed-size batches.
 
     Without shuffle: one pass in order, the last batch padded (mask False).
@@ -91,15 +97,18 @@ class Split:
     with full batches only; step k's batch and augmentation depend on
     (seed, k) alone, so a run resumed at `start_step` sees what an
     uninterrupted run would have.
+    rows: read only these rows of every batch (a process's block of a global
+    batch; `hosts.local_rows`); they are what they are in the whole batch.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
       raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     n = len(self)
+    lo, hi, _ = rows.indices(batch_size)
     if not shuffle:
       for start in range(0, n, batch_size):
-        pos = np.arange(start, min(start + batch_size, n))
+        pos = np.arange(start, min(start + batch_size, n))[lo:hi]
         images, labels = self.read(pos)
-        yield _pad(images, labels, batch_size)
+        yield _pad(images, labels, hi - lo)
       return
     if batch_size > n:
       raise ValueError(f"batch_size: {batch_size} exceeds the {n} samples of split {self.name!r}")
@@ -109,8 +118,9 @@ class Split:
       epoch, k = divmod(step, per_epoch)
       order = np.random.default_rng([seed, 0, epoch]).permutation(n)
       pos = order[k * batch_size:(k + 1) * batch_size]
-      images, labels = self.read(pos, augment_seed=(seed, 1, step) if augment else None)
-      yield Batch(images, labels, np.ones(batch_size, bool))
+      images, labels = self.read(pos[lo:hi], augment_seed=(seed, 1, step) if augment else None,
+                                 augment_at=(lo, batch_size))
+      yield Batch(images, labels, np.ones(hi - lo, bool))
       step += 1
 
 
@@ -142,15 +152,23 @@ def _pad(images, labels, batch_size) -> Batch:
   return Batch(images, labels, mask)
 
 
-def augment(images: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-  """Random crop after reflect-padding by size/8, plus a horizontal flip for 'crop_flip'."""
+def augment(images: np.ndarray, kind: str, rng: np.random.Generator, offset: int = 0,
+            total: int | None = None) -> np.ndarray:
+  """Random crop after reflect-padding by size/8, plus a horizontal flip for 'crop_flip'.
+
+  offset, total: `images` are rows offset.. of a batch of `total` (default: the whole
+  batch); the draws are made for the whole batch, so a row's augmentation does not depend
+  on which process reads it.
+  """
   n, h, w, _ = images.shape
+  total = n if total is None else total
+  rows = slice(offset, offset + n)
   pad = max(1, h // 8)
   padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
-  dy, dx = rng.integers(0, 2 * pad + 1, (2, n))
+  dy, dx = rng.integers(0, 2 * pad + 1, (2, total))[:, rows]
   out = np.stack([padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
   if kind == "crop_flip":
-    flip = rng.random(n) < 0.5
+    flip = rng.random(total)[rows] < 0.5
     out[flip] = out[flip, :, ::-1]
   return out
 

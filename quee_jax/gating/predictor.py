@@ -176,15 +176,23 @@ def train(x: np.ndarray, targets: np.ndarray, family: PathFamily, cfg: Predictor
   return {**frozen, **best_params}, history
 
 
+def _checkpointer() -> ocp.StandardCheckpointer:
+  # Host arrays of this process alone: under several processes one of them evaluates,
+  # and orbax must not wait for the others to save too.
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}))
+
+
 def save(params: Params, path: str) -> None:
   """Writes predictor parameters with orbax (a directory)."""
-  ckpt = ocp.StandardCheckpointer()
+  ckpt = _checkpointer()
   ckpt.save(path, jax.tree.map(np.asarray, params), force=True)
   ckpt.wait_until_finished()
 
 
 def load(path: str) -> Params:
-  return ocp.StandardCheckpointer().restore(path)
+  return _checkpointer().restore(path)
 
 
 def shrinkage(predicted: np.ndarray, errors: np.ndarray, family: PathFamily,

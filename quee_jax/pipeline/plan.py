@@ -120,3 +120,15 @@ def make_plan(c: ml_collections.ConfigDict, stages=STAGES) -> Plan:
                      f" {list(ladder)} or '', got {ev.signal_level!r}")
   return Plan(model, ladder, backbone, exit_heads, heads_level, eval_cfg, tuple(stages),
               backend)
+
+
+def check_batches(plan: Plan, c: ml_collections.ConfigDict, num_devices: int) -> None:
+  """ValueError naming the key unless every batch the run splits over its `num_devices`
+  devices (training, collection) splits evenly; checked where the devices are known."""
+  parts = [("exit_heads", plan.exit_heads.batch_size), ("collect", c.collect.batch_size)]
+  if plan.backbone is not None:
+    parts.insert(0, ("backbone", plan.backbone.batch_size))
+  for part, size in parts:
+    if size % num_devices:
+      raise ValueError(f"--config.{part}.batch_size: must be a multiple of the {num_devices}"
+                       f" devices a batch is split over, got {size}")

@@ -33,12 +33,13 @@ import jax
 import ml_collections
 
 from quee_jax import collect, data, protocol, train
-from quee_jax.core import cost, paths, precision
+from quee_jax.core import cost, hosts, paths, precision
 from quee_jax.core.progress import notice
 from quee_jax.core.table import StateTable, load_table, save_table
 from quee_jax.gating import features
 from quee_jax.models import bert, bert_import, vit_import
-from quee_jax.pipeline.plan import STAGES, Plan, checked, make_plan, quant_backend
+from quee_jax.pipeline.plan import (STAGES, Plan, check_batches, checked, make_plan,
+                                   quant_backend)
 from quee_jax.pipeline.workdir import (LOCK, lock, made_with, read_json, stage_dir, stamps,
                                        write_sealed)
 from quee_jax.protocol import report
@@ -194,7 +195,9 @@ def tables_stage(r: Run) -> dict[str, StateTable]:
         c.collect.batch_size, summary_dim=c.collect.summary_dim,
         meta={"split": split, "config": table_cfg})
     r.timings[f"tables_{split}"] = time.time() - t0
-    save_table(tables[split], path)
+    if hosts.is_writer():  # every process has the table; one writes it
+      save_table(tables[split], path)
+    hosts.barrier(f"tables {split}")
     say(f"tables: {split} collected in {r.timings[f'tables_{split}']:.1f} s")
   if family is None:
     say("tables: skipped (done)")
@@ -203,12 +206,22 @@ def tables_stage(r: Run) -> dict[str, StateTable]:
 
 def evaluate_stage(r: Run, tables: dict[str, StateTable]) -> None:
   """results.json: QuEE's variants, every baseline and the diagnostics on the tables."""
-  c, plan, eval_key = r.config, r.plan, r.stamps["eval"]
+  eval_key = r.stamps["eval"]
   results_path = r.path("results.json")
   if made_with(results_path, "eval", eval_key):
     say("evaluate: skipped (done)")
     return
   say("evaluate: start")
+  # One process evaluates (cheap next to the tables, and its runs are saved under
+  # predictors/); the others wait for results.json in write_sealed.
+  results = _evaluate(r, tables) if hosts.is_writer() else None
+  write_sealed(results_path, results, indent=1)
+  say(f"evaluate: finished in {r.timings.get('evaluate', 0):.1f} s")
+
+
+def _evaluate(r: Run, tables: dict[str, StateTable]) -> dict:
+  """results.json's content."""
+  c, plan, eval_key = r.config, r.plan, r.stamps["eval"]
   if jax.default_backend() != "cpu":  # the predictors predict at their level here
     t, pc = tables["test"], plan.eval.predictor
     summary_dim = 0 if t.summary is None else t.summary.shape[-1]
@@ -227,12 +240,13 @@ def evaluate_stage(r: Run, tables: dict[str, StateTable]) -> None:
   r.timings["evaluate"] = time.time() - t0
   results["config"] = {"eval": eval_key}
   results["device"] = jax.devices()[0].device_kind
-  write_sealed(results_path, results, indent=1)
-  say(f"evaluate: finished in {r.timings['evaluate']:.1f} s")
+  return results
 
 
 def report_stage(r: Run) -> None:
   """report.md and curves.png from results.json, and the methods table on stdout."""
+  if not hosts.is_writer():  # nothing to compute: the writer writes both files
+    return
   results = read_json(r.path("results.json"))  # a damaged one: a notice, and None
   if results is None:
     say("report: skipped (no usable results.json; evaluate first)")
@@ -253,6 +267,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, stages=STAGES) -> dict[str, 
   loaded, so tools such as experiments/bench_runtime.py need only the workdir.
   """
   plan = make_plan(c, stages)
+  check_batches(plan, c, jax.device_count())  # every device of every process
   workdir = os.path.abspath(workdir)  # orbax takes absolute paths only
   fresh = not os.path.exists(workdir)
   with lock(workdir):
@@ -260,7 +275,8 @@ def run(c: ml_collections.ConfigDict, workdir: str, stages=STAGES) -> dict[str, 
     try:
       splits = config_splits(c, plan)
     except BaseException:
-      if fresh and os.listdir(workdir) == [LOCK]:  # a failed first run leaves nothing behind
+      if fresh and hosts.is_writer() and os.listdir(workdir) == [LOCK]:
+        # a failed first run leaves nothing behind
         shutil.rmtree(workdir, ignore_errors=True)
       raise
     write_sealed(os.path.join(workdir, "config.json"), c.to_dict(), indent=1)
@@ -290,4 +306,5 @@ def _run_stages(r: Run) -> dict[str, float]:
     report_stage(r)
   for stage, secs in r.timings.items():
     print(f"stage {stage}: {secs:.1f} s")
+  hosts.barrier("done")  # no process leaves while another still writes
   return r.timings

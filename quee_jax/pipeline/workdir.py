@@ -24,7 +24,7 @@ import socket
 import ml_collections
 
 from quee_jax import protocol
-from quee_jax.core import precision, table
+from quee_jax.core import hosts, precision, table
 from quee_jax.core.progress import first_line, notice
 from quee_jax.pipeline.plan import Plan, make_plan, quant_backend
 from quee_jax.protocol.storage import write_json
@@ -43,7 +43,15 @@ def write_sealed(path: str, obj, indent: int | None = None) -> None:
 
   The old checksum goes first: a run killed in between leaves none, and a file without
   one is trusted if it parses (as in work directories written before checksums).
+  Under several processes the writer writes and every process returns once it is there
+  (every process must call it).
   """
+  if hosts.is_writer():
+    _write_sealed(path, obj, indent)
+  hosts.barrier(f"write {os.path.basename(path)}")
+
+
+def _write_sealed(path: str, obj, indent: int | None) -> None:
   seal = path + ".sha256"
   if os.path.exists(seal):
     os.remove(seal)
@@ -125,11 +133,25 @@ def _open_dir(workdir: str) -> None:
 def lock(workdir: str):
   """Holds an exclusive lock on workdir (created if needed) for the with-block.
 
+  Under several processes the writer holds it and the others wait until it does (a
+  refused writer stops, and with it the others: `hosts`).
+
   The lock is a flock on DIR/.lock, which names its holder (pid, host, start time). The
   kernel drops a flock when its process dies, so a lock file left by a killed run is no
   lock: it is taken over (with a notice). ValueError naming the holder if one is alive.
   """
   workdir = os.path.abspath(workdir)
+  if not hosts.is_writer():
+    hosts.barrier("lock")
+    yield workdir
+    return
+  with _locked(workdir):
+    hosts.barrier("lock")
+    yield workdir
+
+
+@contextlib.contextmanager
+def _locked(workdir: str):
   _open_dir(workdir)
   path = os.path.join(workdir, LOCK)
   try:
@@ -183,11 +205,13 @@ def stage_dir(workdir: str, name: str, config: dict) -> str:
   (or if their stamp is damaged)."""
   path = os.path.join(os.path.abspath(workdir), name)
   stamp = os.path.join(path, "config.json")
-  if os.path.isdir(path) and not made_with(stamp, name, config):
-    shutil.rmtree(path)
-  if not os.path.exists(stamp):
-    os.makedirs(path, exist_ok=True)
-    write_json(stamp, {"config": {name: config}}, indent=1)
+  if hosts.is_writer():
+    if os.path.isdir(path) and not made_with(stamp, name, config):
+      shutil.rmtree(path)
+    if not os.path.exists(stamp):
+      os.makedirs(path, exist_ok=True)
+      write_json(stamp, {"config": {name: config}}, indent=1)
+  hosts.barrier(f"stage_dir {name}")  # the others find it ready
   return path
 
 
