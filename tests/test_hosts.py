@@ -132,6 +132,8 @@ def test_multihost_settings_are_checked():
                     (("127.0.0.1:1", 0, 0), "num_processes")):
     with pytest.raises(ValueError, match=f"^{key}: "):
       hosts.initialize(*args)
+  with pytest.raises(ValueError, match="^heartbeat_timeout: "):
+    hosts.initialize("127.0.0.1:1", 2, 0, heartbeat_timeout_s=0)
   # The entry point names the flag, in one line, before any work.
   out = subprocess.run([sys.executable, "-m", "experiments.run", "--config",
                         "experiments/configs/fashion_mnist.py:demo", "--workdir", "/nonexistent",
@@ -244,3 +246,19 @@ def test_pipeline_over_two_processes_resumes_anywhere(tmp_path):
   last = json.loads(out.stdout.strip().splitlines()[-1])
   assert last["processes"]["devices"] == 4 and last["one_process"]["devices"] == 2, last
   assert last["processes"]["batch_size"] == 2 * last["one_process"]["batch_size"] == 496
+
+
+def test_a_process_block_past_the_data_reads_as_padding():
+  """The last batch of a split may leave a process's block of rows empty; it reads zeros of
+  the model's input shape (a resizing source gives no shape for no rows)."""
+  from quee_jax import collect, data
+  split = data.load_splits("fashion_mnist_embedded", {"test": 10}, image_size=32).test
+  assert split.read(np.array([], int))[0].shape == (0, 32, 32, 1)
+  whole = list(collect.padded_batches(split.images, split.labels, 8))
+  blocks = list(collect.padded_batches(split.images, split.labels, 8, rows=slice(4, 8)))
+  assert [b[2] for b in blocks] == [b[2] for b in whole] == [8, 2]
+  np.testing.assert_array_equal(blocks[0][0], whole[0][0][4:8])
+  assert blocks[1][0].shape == (4, 32, 32, 1) and not blocks[1][0].any()  # rows 12..15 of 10
+  batches = list(split.batches(8, rows=slice(4, 8)))
+  assert [b.mask.tolist() for b in batches] == [[True] * 4, [False] * 4]
+  np.testing.assert_array_equal(batches[0].images, whole[0][0][4:8])

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from quee_jax.core import hosts
 from quee_jax.core.progress import first_line, notice
 
 
@@ -107,9 +108,11 @@ def _start_over(mgr: ocp.CheckpointManager, state: Any, directory: str, error: E
   drop[0] = True
   notice(f"the checkpoint in {directory} does not restore ({first_line(error)[:200]});"
          " training this stage from scratch")
-  for name in os.listdir(directory):  # orbax names a step's directory by its number
-    if name.isdigit() or ".orbax-checkpoint-tmp" in name:
-      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+  if hosts.is_writer():  # every process found the same files damaged; one deletes them
+    for name in os.listdir(directory):  # orbax names a step's directory by its number
+      if name.isdigit() or ".orbax-checkpoint-tmp" in name:
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+  hosts.barrier(f"start over {os.path.basename(directory)}")
   mgr.reload()  # forget the deleted steps
   time.sleep(1.0)  # the pending reads end while their noise is held
   return state

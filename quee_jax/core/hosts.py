@@ -13,7 +13,8 @@ module is the little the pipeline needs on top of that:
   to_host       a global array as a numpy array on every process (`output_sharding`:
                 a step's outputs, gathered inside the step where processes share a mesh)
   is_writer,    one process writes each file; the others wait at a barrier until it is
-  barrier       there, so that every process reads the same files and decides alike
+  barrier,      there; what to redo is process 0's decision on every process (`agree`)
+  agree
 
 With one process every function here is the single-host path itself: the mesh is the
 local devices, a process's rows are the whole batch, barriers return at once.
@@ -67,7 +68,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if ":" not in coordinator:
       raise ValueError(f"coordinator: expected 'host:port', got {coordinator!r}")
   if heartbeat_timeout_s < 1:
-    raise ValueError(f"heartbeat_timeout_s: expected >= 1, got {heartbeat_timeout_s}")
+    raise ValueError(f"heartbeat_timeout: expected >= 1 second, got {heartbeat_timeout_s}")
   # CPU devices of several processes talk through gloo (the default has no cross-process
   # collectives); the setting is read by the CPU client only, so accelerators ignore it.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -95,6 +96,20 @@ def barrier(name: str) -> None:
   import orbax.checkpoint as ocp  # the maintained wrapper of JAX's distributed client
   ocp.multihost.get_barrier_sync_fn()(key=f"quee_jax:{name}:{next(_barriers)}",
                                       timeout_ms=BARRIER_TIMEOUT_S * 1000)
+
+
+def agree(decision: bool) -> bool:
+  """Process 0's decision, on every process (a collective: every process must call it).
+
+  Where each process decides from the files it reads (is this output done?), process 0
+  could rewrite a file before a slower process reads it, or a network filesystem show a
+  process an older view: processes that decided differently would then wait at different
+  collectives forever. Every process acts on what process 0 read, and none goes on before
+  all have read.
+  """
+  if jax.process_count() == 1:
+    return decision
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(decision)))
 
 
 def abandon(message: str, code: int = 1) -> None:

@@ -76,6 +76,9 @@ class Split:
     augment_at: (offset, total) when `positions` are rows offset.. of a batch of `total`
     (a process's block): each row is augmented as it is in the whole batch.
     """
+    if len(positions) == 0 and len(self):  # a process's empty block of a last batch:
+      images, labels = self.read(np.arange(1))  # shaped as a row is (sources differ on none)
+      return images[:0], labels[:0]
     images, labels = self.source.read(self.indices[positions])
     if self.info.kind == "text":
       return self.tokenizer(list(images)), np.asarray(labels, np.int32)

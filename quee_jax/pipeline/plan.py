@@ -123,11 +123,16 @@ def make_plan(c: ml_collections.ConfigDict, stages=STAGES) -> Plan:
 
 
 def check_batches(plan: Plan, c: ml_collections.ConfigDict, num_devices: int) -> None:
-  """ValueError naming the key unless every batch the run splits over its `num_devices`
-  devices (training, collection) splits evenly; checked where the devices are known."""
-  parts = [("exit_heads", plan.exit_heads.batch_size), ("collect", c.collect.batch_size)]
-  if plan.backbone is not None:
-    parts.insert(0, ("backbone", plan.backbone.batch_size))
+  """ValueError naming the key unless every batch the selected stages split over their
+  `num_devices` devices (training, collection) splits evenly; checked where the devices are
+  known. (The tables stage trains what is not trained yet.)"""
+  parts = []
+  if {"backbone", "exit_heads", "tables"} & set(plan.stages):
+    parts += [("exit_heads", plan.exit_heads.batch_size)]
+    if plan.backbone is not None:
+      parts.insert(0, ("backbone", plan.backbone.batch_size))
+  if "tables" in plan.stages:
+    parts.append(("collect", c.collect.batch_size))
   for part, size in parts:
     if size % num_devices:
       raise ValueError(f"--config.{part}.batch_size: must be a multiple of the {num_devices}"

@@ -118,8 +118,9 @@ class Run:
       self._params = trained_params(self.config, self.plan, self.splits, self.workdir,
                                     self.timings)
       if jax.default_backend() != "cpu":  # before the accuracy table and state tables run levels
+        # Host copies: the trained params may span every process's devices.
         print(device_check.summary(device_check.check_device(
-            self.plan.multi_exit, self._params, self.plan.ladder,
+            self.plan.multi_exit, hosts.to_host(self._params), self.plan.ladder,
             self.splits.test.images)))
     return self._params
 
@@ -136,7 +137,7 @@ def accuracy_stage(r: Run) -> None:
   same_backend = same_model and stamp.get(  # files from before the choice: AQT
       "quant_backend", precision.DEFAULT_BACKEND) == backend
   accuracy = (old or {}).get("test_accuracy")
-  if not (same_model and same_ladder and same_backend) or not accuracy:
+  if hosts.agree(not (same_model and same_ladder and same_backend) or not accuracy):
     if old is not None and not same_model:
       notice(f"{acc_path} was made with another model config; measuring it again")
     elif old is not None and not (same_ladder and same_backend):
@@ -151,10 +152,12 @@ def accuracy_stage(r: Run) -> None:
                                        "quant_backend": backend},
                             "test_accuracy": accuracy, "train_s": train_s,
                             "device": jax.devices()[0].device_kind}, indent=1)
-    accuracy = read_json(acc_path)["test_accuracy"]  # as later runs read it
+    accuracy = (read_json(acc_path) or {}).get("test_accuracy")  # as later runs read it
   else:
     say("backbone: skipped (done)")
     say("exit_heads: skipped (done)")
+  if not hosts.is_writer():  # (which prints; another may not have read the file)
+    return
   exits = r.plan.model.exits
   print(f"\ntest accuracy (%) per exit and level ({r.splits.sizes()['test']} images):")
   print("| level | " + " | ".join(f"exit {e}" for e in exits) + " |")
@@ -170,20 +173,10 @@ def tables_stage(r: Run) -> dict[str, StateTable]:
   tables, family = {}, None
   for split in ("fit", "cal", "test"):
     path = r.path("tables", split)
-    if os.path.exists(os.path.join(path, "meta.json")):
-      try:
-        t = load_table(path)  # the stamp below covers the ladder and the family
-      except ValueError as e:  # damaged: named in the message
-        notice(f"{str(e).removeprefix('path: ')}; collecting the {split} table again")
-      else:
-        stamp = t.meta.get("config")
-        if stamp == table_cfg:
-          tables[split] = t
-          continue
-        changed = sorted(k for k in table_cfg if not isinstance(stamp, dict)
-                         or stamp.get(k) != table_cfg[k])
-        notice(f"{path} was collected with another {', '.join(changed) or 'config'};"
-               f" collecting the {split} table again")
+    t = _finished_table(path, split, table_cfg)
+    if hosts.agree(t is not None):  # (only process 0, which evaluates, needs the table)
+      tables[split] = t
+      continue
     if family is None:
       say("tables: start")
       costs = cost.backbone_costs(bb, r.params(), r.splits.fit.images[:1], r.plan.ladder,
@@ -204,11 +197,30 @@ def tables_stage(r: Run) -> dict[str, StateTable]:
   return tables
 
 
+def _finished_table(path: str, split: str, table_cfg: dict) -> StateTable | None:
+  """The table at path if it was collected with table_cfg; else None, with a notice."""
+  if not os.path.exists(os.path.join(path, "meta.json")):
+    return None
+  try:
+    t = load_table(path)  # the stamp below covers the ladder and the family
+  except ValueError as e:  # damaged: named in the message
+    notice(f"{str(e).removeprefix('path: ')}; collecting the {split} table again")
+    return None
+  stamp = t.meta.get("config")
+  if stamp == table_cfg:
+    return t
+  changed = sorted(k for k in table_cfg if not isinstance(stamp, dict)
+                   or stamp.get(k) != table_cfg[k])
+  notice(f"{path} was collected with another {', '.join(changed) or 'config'};"
+         f" collecting the {split} table again")
+  return None
+
+
 def evaluate_stage(r: Run, tables: dict[str, StateTable]) -> None:
   """results.json: QuEE's variants, every baseline and the diagnostics on the tables."""
   eval_key = r.stamps["eval"]
   results_path = r.path("results.json")
-  if made_with(results_path, "eval", eval_key):
+  if hosts.agree(made_with(results_path, "eval", eval_key)):
     say("evaluate: skipped (done)")
     return
   say("evaluate: start")

@@ -218,8 +218,9 @@ def check_device(backbone: Backbone, params: Params, ladder, inputs, num_inputs:
   its integer dots bit-exact, the float level within FLOAT_TOLERANCE, at most max_differing of
   the samples with another class at some exit. DeviceMismatch naming the levels that break it.
   Returns the checks (on a CPU, against itself)."""
-  device = device or jax.devices()[0]
-  reference = reference or jax.devices("cpu")[0]
+  # This process's devices (under several processes jax.devices()[0] may be another's).
+  device = device or jax.local_devices()[0]
+  reference = reference or jax.local_devices(backend="cpu")[0]
   inputs = np.asarray(inputs[:num_inputs])
   dots = level_dots(backbone, _shapes(params), ladder, _shapes(inputs))
   unique = list(dict.fromkeys(d for ds in dots.values() for d in ds))  # levels share shapes
@@ -240,8 +241,8 @@ def check_predictor(level: str, num_gates: int, num_features: int, hidden: int,
   `check_device`), by the same rule: their integer dots bit-exact; at float every probability
   within PROB_TOLERANCE; else at most max_differing of the (gate, row) samples with a
   probability beyond it. DeviceMismatch if not."""
-  device = device or jax.devices()[0]
-  reference = reference or jax.devices("cpu")[0]
+  device = device or jax.local_devices()[0]
+  reference = reference or jax.local_devices(backend="cpu")[0]
   lvl = precision.parse_level(level)
   # Host copies, so that each run puts everything on its own device.
   params = jax.tree.map(np.asarray, predictor.init(jax.random.key(0), num_gates, num_features,
