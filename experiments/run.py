@@ -54,9 +54,9 @@ if __name__ == "__main__":
       sys.stdout = open(os.devnull, "w")
     try:
       pipeline.run(f.config, f.workdir, f.stages)
-    except (ValueError, device_check.DeviceMismatch) as e:  # the message says what to change
-      hosts.abandon(f"error: {e}")
-    except PermissionError as e:  # a file in the work directory that is not ours to write
+    except (ValueError, device_check.DeviceMismatch, PermissionError) as e:
+      # The message says what to change (PermissionError: a file in the work directory that
+      # is not ours to write).
       hosts.abandon(f"error: {e}")
 
   def parse_flags(argv):

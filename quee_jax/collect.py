@@ -22,7 +22,6 @@ from typing import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from quee_jax.core import hosts
@@ -164,18 +163,18 @@ def _checked_labels(inputs, labels, num_classes: int) -> np.ndarray:
 @functools.lru_cache(maxsize=8)
 def _collect_step(backbone: ByIdentity, family: ByIdentity, keep_logits: bool,
                   rows_per_call: int, summary_dim: int, devices: tuple):
-  """(jitted collection step, unpacking of its output, its mesh): one per model, family,
-  settings and devices, so that the fit, cal and test tables (and a benchmark's passes)
-  compile it once."""
+  """(jitted collection step, unpacking of its output, the shardings of the params and of a
+  batch): one per model, family, settings and devices, so that the fit, cal and test tables
+  (and a benchmark's passes) compile it once."""
   mesh = hosts.mesh(list(devices))
-  replicated, by_sample = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
+  replicated, by_sample = hosts.data_shardings(mesh)
   per_state = hosts.output_sharding(mesh, P(None, "batch"))
   rows_per_call *= len(devices)  # the chunk is sized on each device's shard
   fn = make_collect_fn(backbone.value, family.value, keep_logits, rows_per_call, summary_dim)
   packed, unpack = _packing(fn)
   step = jax.jit(packed, in_shardings=(replicated, by_sample, by_sample),
                  out_shardings=per_state)
-  return step, unpack, mesh
+  return step, unpack, replicated, by_sample
 
 
 def _packing(fn):
@@ -245,9 +244,9 @@ def collect_table(backbone: Backbone, params: Params, family: PathFamily,
     raise ValueError(f"rows_per_call: expected a positive int or None, got {rows_per_call!r}")
   if isinstance(summary_dim, bool) or not isinstance(summary_dim, int) or summary_dim < 0:
     raise ValueError(f"summary_dim: expected a non-negative int, got {summary_dim!r}")
-  step, unpack, mesh = _collect_step(ByIdentity(backbone), ByIdentity(family), keep_logits,
-                             rows_per_call, summary_dim, tuple(devices))
-  replicated, by_sample = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
+  step, unpack, replicated, by_sample = _collect_step(
+      ByIdentity(backbone), ByIdentity(family), keep_logits, rows_per_call, summary_dim,
+      tuple(devices))
   params = jax.device_put(params, replicated)
 
   chunks: list[dict[str, np.ndarray]] = []

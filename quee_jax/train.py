@@ -24,8 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from quee_jax import models
 from quee_jax.core import checkpoints, hosts, precision
@@ -126,7 +124,7 @@ def fit(loss_fn: Callable[[Params, Params, jax.Array, jax.Array, jax.Array],
   # Data-parallel over every device of every process (`hosts`): the state is whole on each
   # device, each batch split by rows, and XLA sums the gradients across devices.
   mesh = hosts.mesh()
-  whole, by_sample = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
+  whole, by_sample = hosts.data_shardings(mesh)
   if tc.batch_size % mesh.size:
     raise ValueError(f"batch_size: must be a multiple of the {mesh.size} devices it is split"
                      f" over, got {tc.batch_size}")

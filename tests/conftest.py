@@ -1,5 +1,9 @@
 """Shared tiny models: small enough that every test compiles in seconds on 2 cores."""
 
+import os
+import signal
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -49,3 +53,29 @@ def family(backbone, params, ladder="float,w4a4", name="switch_once", inputs=Non
   ladder = q.parse_ladder(ladder)
   costs = q.backbone_costs(backbone, params, images(1) if inputs is None else inputs, ladder)
   return q.build_family(name, ladder, backbone.exits, costs, **kw)
+
+
+# The demo pipeline (fashion_mnist.py:demo) made tiny: a run takes about half a minute.
+TINY_PIPELINE = {
+    "model.dim": 16, "model.mlp_dim": 32, "model.depth": 2, "splits.train": 500,
+    "splits.fit": 300, "splits.cal": 200, "splits.test": 200, "backbone.epochs": 1,
+    "exit_heads.epochs": 1, "backbone.batch_size": 50, "exit_heads.batch_size": 50,
+    "eval.seeds": "0,1", "eval.predictor.epochs": 2, "eval.predictor.batch_size": 32,
+    "eval.signal_level": ""}
+
+
+def pipeline_flags(overrides: dict | None = None) -> list[str]:
+  """--config.KEY=VALUE flags of TINY_PIPELINE with `overrides` (keys as there)."""
+  return [f"--config.{k}={v}" for k, v in {**TINY_PIPELINE, **(overrides or {})}.items()]
+
+
+def kill_when(proc, path, timeout=600, poll=0.02):
+  """SIGKILLs proc's session as soon as path exists; returns whether it was still running."""
+  t0 = time.time()
+  while not os.path.exists(path):
+    if proc.poll() is not None or time.time() - t0 > timeout:
+      return False
+    time.sleep(poll)
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  return True

@@ -4,16 +4,15 @@ import dataclasses
 import importlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import types
 
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import kill_when, pipeline_flags
 from test_vit_import import big_vision_checkpoint
 
 import quee_jax as q
@@ -189,12 +188,7 @@ def test_pipeline_checks_an_accelerator_against_the_cpu_first(tmp_path, capsys, 
   assert "outputs agreeing: predictor@w8a8 100.0%" in out
 
 
-TINY = ["--config.model.dim=16", "--config.model.mlp_dim=32", "--config.model.depth=2",
-        "--config.splits.train=500", "--config.splits.fit=300", "--config.splits.cal=200",
-        "--config.splits.test=200", "--config.backbone.epochs=1", "--config.exit_heads.epochs=1",
-        "--config.backbone.batch_size=50", "--config.exit_heads.batch_size=50",
-        "--config.eval.seeds=0,1", "--config.eval.predictor.epochs=2",
-        "--config.eval.predictor.batch_size=32", "--config.eval.signal_level="]
+TINY = pipeline_flags()
 
 
 def pipeline(workdir, **kwargs):
@@ -415,18 +409,6 @@ def test_in_sample_ceiling_on_a_finished_workdir(finished, tmp_path):
   assert out.returncode != 0 and "error: workdir:" in out.stderr, out.stderr[-2000:]
 
 
-def _kill_when(proc, path, timeout=600):
-  """SIGKILLs proc as soon as path exists; returns whether it was still running."""
-  t0 = time.time()
-  while not os.path.exists(path):
-    if proc.poll() is not None or time.time() - t0 > timeout:
-      return False
-    time.sleep(0.02)
-  os.killpg(proc.pid, signal.SIGKILL)
-  proc.wait()
-  return True
-
-
 @pytest.mark.parametrize("stage,marker", [
     ("tables", "tables/fit/meta.json"),  # fit written, cal being collected
     ("evaluate", "predictors/quee/seed_0.json"),  # one of eight runs saved
@@ -437,7 +419,7 @@ def test_killed_mid_stage_resumes_to_the_same_results(finished, stage, marker, t
   for part in ("backbone", "exit_heads", "accuracy.json"):
     subprocess.run(["cp", "-r", str(src / part), str(tmp_path)], check=True)
   proc = pipeline(tmp_path, start_new_session=True)
-  assert _kill_when(proc, tmp_path / marker), f"the run ended before reaching {marker}"
+  assert kill_when(proc, tmp_path / marker), f"the run ended before reaching {marker}"
   assert not (tmp_path / "results.json").exists()
   out, err = pipeline(tmp_path).communicate(timeout=900)
   assert "stage tables_fit" not in out, err[-3000:]  # the finished split was kept

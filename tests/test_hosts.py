@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import kill_when, pipeline_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,13 +146,8 @@ def test_multihost_settings_are_checked():
 
 # The tiny demo pipeline; batches that split over 4 devices; a cal split of 9 batches, long
 # enough for the test to kill a process while it is being collected.
-TINY = ["--config.model.dim=16", "--config.model.mlp_dim=32", "--config.model.depth=2",
-        "--config.splits.train=500", "--config.splits.fit=300", "--config.splits.cal=2000",
-        "--config.splits.test=200", "--config.backbone.epochs=1", "--config.exit_heads.epochs=1",
-        "--config.backbone.batch_size=52", "--config.exit_heads.batch_size=52",
-        "--config.collect.batch_size=248", "--config.eval.seeds=0,1",
-        "--config.eval.predictor.epochs=2", "--config.eval.predictor.batch_size=32",
-        "--config.eval.signal_level="]
+TINY = pipeline_flags({"splits.cal": 2000, "backbone.batch_size": 52,
+                       "exit_heads.batch_size": 52, "collect.batch_size": 248})
 
 
 def pipeline(workdir, processes: int, devices: int) -> list[subprocess.Popen]:
@@ -219,11 +215,7 @@ def test_pipeline_over_two_processes_resumes_anywhere(tmp_path):
   killed = tmp_path / "killed"
   copy(multi, killed, ["backbone", "exit_heads", "accuracy.json", "accuracy.json.sha256"])
   procs = pipeline(killed, 2, 2)
-  t0 = time.time()
-  while not (killed / "tables" / "fit" / "meta.json").exists():
-    assert time.time() - t0 < 600 and procs[1].poll() is None, "no fit table"
-    time.sleep(0.001)
-  os.killpg(procs[1].pid, 9)
+  assert kill_when(procs[1], killed / "tables" / "fit" / "meta.json", poll=0.001), "no fit table"
   t0 = time.time()
   [(code, _, err), _] = finish(procs, timeout=120)
   stopped = time.time() - t0

@@ -8,7 +8,8 @@ module is the little the pipeline needs on top of that:
   initialize    connect the processes (explicit coordinator, or the environment's
                 detection on TPU slices, SLURM, Open MPI); a single process calls nothing
   mesh          a 1-D data-parallel mesh, devices in process order, so that process p
-                holds the p-th contiguous block of every batch (`local_rows`)
+                holds the p-th contiguous block of every batch (`local_rows`); its
+                `data_shardings`
   global_batch  a global array from the rows this process read
   to_host       a global array as a numpy array on every process (`output_sharding`:
                 a step's outputs, gathered inside the step where processes share a mesh)
@@ -130,6 +131,11 @@ def devices() -> list:
 def mesh(devices_: list | None = None) -> Mesh:
   """A 1-D mesh with axis 'batch' over devices_ (default: `devices()`)."""
   return Mesh(np.array(devices() if devices_ is None else devices_), ("batch",))
+
+
+def data_shardings(mesh_: Mesh) -> tuple[NamedSharding, NamedSharding]:
+  """(whole on every device, split by rows): where the parameters and a batch go."""
+  return NamedSharding(mesh_, P()), NamedSharding(mesh_, P("batch"))
 
 
 def local_rows(sharding: NamedSharding, rows: int) -> slice:

@@ -141,12 +141,8 @@ def lock(workdir: str):
   lock: it is taken over (with a notice). ValueError naming the holder if one is alive.
   """
   workdir = os.path.abspath(workdir)
-  if not hosts.is_writer():
-    hosts.barrier("lock")
-    yield workdir
-    return
-  with _locked(workdir):
-    hosts.barrier("lock")
+  with _locked(workdir) if hosts.is_writer() else contextlib.nullcontext():
+    hosts.barrier("lock")  # the others go on once the writer holds it
     yield workdir
 
 
