@@ -267,13 +267,27 @@ def blank_gate(spec: Spec, consts: Consts) -> _Gate:
   return _Gate(jnp.zeros(B + 1, jnp.int32), jnp.zeros((B + 1, 3), jnp.float32), errors)
 
 
+def _through_gate(backbone: Backbone, spec: Spec, consts: Consts, inputs: Inputs, gate: int,
+                  lane: _Lane) -> tuple[_Lane, jax.Array, jax.Array]:
+  """The lane's running samples through gate `gate` and its decision: (lane, rows computed,
+  rows needed)."""
+  lane, out, computed, needed = _run_gate(backbone, spec, consts, lane, blank_gate(spec, consts),
+                                          gate)
+  return _decide(spec, consts, inputs, lane, out, gate), computed, needed
+
+
 def run_lane(backbone: Backbone, spec: Spec, consts: Consts, inputs: Inputs) -> Output:
   """One lane of B samples through every gate (traced once per Spec and input shape)."""
   lane = start_lane(backbone, spec, consts, inputs)
-  computed = needed = jnp.zeros((), jnp.int32)
+  zero = jnp.zeros((), jnp.int32)
+  computed = needed = zero
   for g in range(len(spec.exits)):
-    lane, out, c, n = _run_gate(backbone, spec, consts, lane, blank_gate(spec, consts), g)
-    lane = _decide(spec, consts, inputs, lane, out, g)
+    # A gate no sample of the lane reaches costs one reduction, not a sort, a conditional per
+    # level and chunk size and a decision: where nearly every sample leaves at the first exit
+    # those made the program slower than the host runner it replaced (docs/results/runtime.md).
+    lane, c, n = jax.lax.cond(jnp.all(lane.done), lambda lane: (lane, zero, zero),
+                              functools.partial(_through_gate, backbone, spec, consts, inputs, g),
+                              lane)
     computed, needed = computed + c, needed + n
   B = spec.batch
   return Output(lane.exit_state[:B], lane.exit_pred[:B], computed[None], needed[None])
