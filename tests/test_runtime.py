@@ -66,8 +66,12 @@ def simulated(fitted, table, lam):
   return res.exit_state[0], res.pred[0]
 
 
-def test_runner_equals_the_simulated_policy_on_every_sample(setup):
+@pytest.mark.parametrize("max_chunk", [None, 16])
+def test_runner_equals_the_simulated_policy_on_every_sample(setup, tiny, max_chunk):
   x, tables, fitted, runner = setup
+  if max_chunk:  # groups above 16 rows run as a loop of 16-row chunks and the rest
+    runner = runtime.Runner(tiny[2], tiny[1], runner.gating, input_shape=x["test"].shape[1:],
+                            max_batch=64, min_chunk=8, max_chunk=max_chunk)
   costs = set()
   for lam in LAMBDAS:
     out = runner.classify(x["test"], lam)
@@ -302,6 +306,10 @@ def test_bad_input_is_refused_before_any_compute(setup, tiny, monkeypatch):
       runner.classify(good, 0.1, start)
   gating = runner.gating
   other = family(bb, params, "float,w8a8,w4a4")
+  for kw, msg in (({"max_chunk": 4}, "max_chunk: expected at least min_chunk 8"),
+                  ({"min_chunk": 0}, "min_chunk: expected a positive int")):
+    with pytest.raises(ValueError, match=msg):
+      runtime.Runner(bb, params, gating, input_shape=good.shape[1:], **{"min_chunk": 8, **kw})
   wrong = dataclasses.replace(gating, family=other)  # predictors sized for two levels
   with pytest.raises(ValueError, match="gating: predictor"):
     runtime.Runner(bb, params, wrong, input_shape=good.shape[1:])

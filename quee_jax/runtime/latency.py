@@ -73,8 +73,8 @@ def chunk_timer(runner: Runner) -> Timer:
   """
   kind = program.QUEE
   batch = runner.max_batch
-  size = program.chunk_sizes(batch, runner.min_chunk)[0]
   spec = runner.spec(batch, kind)
+  size = spec.max_chunk
   rng = np.random.default_rng(0)
   floating = np.issubdtype(runner.input_dtype, np.floating)
   # Token ids: 1, a valid non-padding id.

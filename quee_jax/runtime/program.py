@@ -1,18 +1,21 @@
 """The device-resident program: a batch through every gate in one jit-compiled call.
 
-For a lane of B samples (one per device) the program embeds every input, then
-at each gate g:
+For a lane of B samples (one per device) the program takes, at each gate g
+that any sample of the lane still reaches (a lane whose samples all left skips
+the rest):
   1. compacts: a stable sort of the samples by (done, level of their next
      segment) puts each level's still-running samples in one contiguous range
      of an index vector; done samples sort last;
   2. runs each level's group in chunks: the group's n rows, rounded up to the
-     smallest chunk m (`min_chunk`), are covered by the binary decomposition
-     of ceil(n / m): one chunk of m * 2^k rows for every set bit k, each a
-     `lax.cond` whose body gathers its rows, runs the segment's blocks at the
-     level, the exit head, the softmax statistics and (QuEE) the features and
-     the error predictor, and scatters the results back. Padding is under m
-     rows per group, never a sample dropped, and the compiled chunk bodies
-     number gates x levels x log2(B / m) whatever the data;
+     smallest chunk m (`min_chunk`), run as many chunks of the largest size M
+     (`max_chunk`) as fit, in a loop, then the rest by its binary
+     decomposition: one chunk of m * 2^k rows for every set bit k, each run
+     only if needed. A chunk gathers its rows (at gate 0 their raw inputs, and
+     embeds them), runs the segment's blocks at the level, the exit head, the
+     softmax statistics and (QuEE) the features and the error predictor, and
+     scatters the results back. Padding is under m rows per group, never a
+     sample dropped, and the compiled chunk bodies number gates x levels x
+     (log2(M / m) + 1) whatever the data;
   3. decides, masked and vectorized over the lane: `policy.step` (xp=jax.numpy:
      the function the simulation decides with) for QuEE, or confidence
      thresholds for the baselines; the last gate always exits.
@@ -20,12 +23,15 @@ The lane's exit states and predictions, with the rows computed and needed,
 come back to the host once per batch. No Python depends on the data, so a new
 batch of the same shape compiles nothing.
 
-Why chunks by binary decomposition and not padded buckets (the earlier host-driven runner
-padded each group to the next of x1.5/x2 steps, 16% extra rows on the
-Fashion-MNIST demo) or a `while_loop` over fixed chunks (one size for all:
-small chunks waste the device, large ones pad up to a chunk per group): it
-pads less than m rows per group with log2(B / m) sizes, and its largest chunk
-is as large as the group. docs/results/runtime.md has the measurements.
+Why a loop of the largest chunk and the binary decomposition of the rest, and
+not padded buckets (the earlier host-driven runner padded each group to the
+next of x1.5/x2 steps, 16% extra rows on the Fashion-MNIST demo) or a loop over
+chunks of one size (small chunks waste an accelerator, large ones pad up to a
+chunk per group): it pads less than m rows per group with log2(M / m) + 1
+sizes, and M can be set where the device runs fastest (on 2 CPU cores MiniLM
+runs 1.8x faster per row in chunks of 32 than of 256: XLA touches each call's
+temporaries afresh, and they grow with the chunk). docs/results/runtime.md has
+the measurements.
 """
 
 from __future__ import annotations
@@ -85,6 +91,7 @@ class _Lane(NamedTuple):
   """A lane's state between gates, B + 1 rows: the last is a spare that padding rows of a
   chunk read and write (its values mean nothing)."""
 
+  images: jax.Array        # [B+1, ...] raw inputs, embedded by gate 0's chunks
   hidden: jax.Array        # [B+1, ...] hidden state after the last segment run
   last_logits: jax.Array   # [B+1, C] logits of the last exit taken
   state: jax.Array         # [B+1] int32 current state
@@ -109,10 +116,20 @@ def _pad(a: jax.Array, fill) -> jax.Array:
   return jnp.concatenate([a, jnp.full((1, *a.shape[1:]), fill, a.dtype)])
 
 
-def chunk_sizes(batch: int, min_chunk: int) -> tuple[int, ...]:
+def _when(pred: jax.Array, fn, carry):
+  """fn(carry) if pred else carry, as a `lax.while_loop` of at most one trip.
+
+  Why not `lax.cond`: XLA on CPU copied the lane's hidden states (25 MB for a MiniLM lane of
+  256) in and out of conditionals, taken or not, and a skipped chunk or gate cost a
+  millisecond or more each; a loop updates its carried buffers in place.
+  """
+  return jax.lax.while_loop(lambda c: c[0], lambda c: (False, fn(c[1])), (pred, carry))[1]
+
+
+def chunk_sizes(batch: int, min_chunk: int, max_chunk: int | None = None) -> tuple[int, ...]:
   """The chunk sizes a lane of `batch` rows uses, largest first: min_chunk * 2^k for every k
-  with 2^k <= ceil(batch / min_chunk)."""
-  units = -(-batch // min_chunk)
+  with 2^k <= ceil(min(batch, max_chunk) / min_chunk)."""
+  units = -(-min(batch, max_chunk or batch) // min_chunk)
   return tuple(min_chunk << k for k in reversed(range(units.bit_length())))
 
 
@@ -126,16 +143,17 @@ class Spec:
   levels_at: tuple[tuple[int, ...], ...]  # per gate, the levels a segment there may run at
   batch: int                              # B: samples per lane
   min_chunk: int
+  max_chunk: int                          # the largest chunk: a group runs as many as fit
   tau: float
   kind: str                               # QUEE or CONFIDENCE
 
 
-def spec_for(gating: Gating, batch: int, min_chunk: int, kind: str) -> Spec:
+def spec_for(gating: Gating, batch: int, min_chunk: int, max_chunk: int, kind: str) -> Spec:
   fam = gating.family
   levels_at = tuple(tuple(sorted({int(q) for q in fam.level[fam.states_at(g)]}))
                     for g in range(fam.num_gates))
   return Spec(tuple(fam.exits), fam.ladder, gating.predictor_level, levels_at, batch, min_chunk,
-              float(gating.tau), kind)
+              chunk_sizes(batch, min_chunk, max_chunk)[0], float(gating.tau), kind)
 
 
 def make_consts(backbone: Backbone, params: Params, gating: Gating, summary_width: int | None
@@ -170,7 +188,9 @@ def chunk(backbone: Backbone, spec: Spec, consts: Consts, lane: _Lane, out: _Gat
   rows = jnp.where(at < end, jax.lax.dynamic_slice(order, (pos,), (size,)), spare)
   params = consts.params
   bounds = (0,) + spec.exits
-  h = lane.hidden[rows]
+  # Gate 0 embeds its chunk's rows: gathering raw inputs moves less than embedding the lane
+  # first and gathering hidden states (on MiniLM 64 token ids against 64 x 384 floats).
+  h = backbone.embed(params, lane.images[rows]) if gate == 0 else lane.hidden[rows]
   if blocks:
     for i in range(bounds[gate], bounds[gate + 1]):
       h = backbone.block(params, i, h, spec.ladder[level])
@@ -206,14 +226,25 @@ def _run_gate(backbone: Backbone, spec: Spec, consts: Consts, lane: _Lane, out: 
   counts = jnp.bincount(key, length=num_levels + 1).astype(jnp.int32)
   first = jnp.cumsum(counts) - counts
   computed = needed = jnp.zeros((), jnp.int32)
+  big, *smaller = chunk_sizes(B, m, spec.max_chunk)
   for q in spec.levels_at[gate]:
     units = (counts[q] + m - 1) // m
     pos, end = first[q], first[q] + counts[q]
-    for size in chunk_sizes(B, m):
-      take = (units & (size // m)) != 0
-      body = functools.partial(chunk, backbone, spec, gate=gate, level=q, size=size)
-      lane, out = jax.lax.cond(take, body, lambda c, l, o, *_: (l, o), consts, lane, out, order,
-                               pos, end)
+    # As many chunks of the largest size as fit, in a loop (one body, its buffers reused),
+    # then the rest by its binary decomposition in smaller ones.
+    def full(c, q=q, end=end):
+      lane, out, pos = c
+      lane, out = chunk(backbone, spec, consts, lane, out, order, pos, end, gate=gate, level=q,
+                        size=big)
+      return lane, out, pos + big
+    lane, out, pos = jax.lax.while_loop(lambda c, q=q: c[2] + big <= first[q] + units * m, full,
+                                        (lane, out, pos))
+    rest = units % (big // m)
+    for size in smaller:
+      take = (rest & (size // m)) != 0
+      body = functools.partial(chunk, backbone, spec, consts, gate=gate, level=q, size=size)
+      lane, out = _when(take, lambda c, body=body, pos=pos, end=end: body(*c, order, pos, end),
+                        (lane, out))
       pos = pos + jnp.where(take, size, 0)
     computed, needed = computed + pos - first[q], needed + counts[q]
   return lane, out, computed, needed
@@ -249,10 +280,13 @@ def _decide(spec: Spec, consts: Consts, inputs: Inputs, lane: _Lane, out: _Gate,
 
 
 def start_lane(backbone: Backbone, spec: Spec, consts: Consts, inputs: Inputs) -> _Lane:
-  """A lane before gate 0: every input embedded, every sample at its root state."""
+  """A lane before gate 0: every sample at its root state, nothing embedded yet."""
   B = spec.batch
-  h = backbone.embed(consts.params, inputs.images)
-  return _Lane(hidden=_pad(h, 0), last_logits=jnp.zeros((B + 1, backbone.num_classes), jnp.float32),
+  h = jax.eval_shape(backbone.embed, consts.params, inputs.images[:1])
+  # The spare row repeats a real input: all-padding token ids could mean an empty attention.
+  images = jnp.concatenate([inputs.images, inputs.images[:1]])
+  return _Lane(images=images, hidden=jnp.zeros((B + 1, *h.shape[1:]), h.dtype),
+               last_logits=jnp.zeros((B + 1, backbone.num_classes), jnp.float32),
                state=_pad(inputs.start.astype(jnp.int32), 0),
                parent_stats=jnp.zeros((B + 1, 3), jnp.float32),
                anc_pred=jnp.full(B + 1, -1, jnp.int32), anc_max_prob=jnp.zeros(B + 1, jnp.float32),
@@ -268,26 +302,25 @@ def blank_gate(spec: Spec, consts: Consts) -> _Gate:
 
 
 def _through_gate(backbone: Backbone, spec: Spec, consts: Consts, inputs: Inputs, gate: int,
-                  lane: _Lane) -> tuple[_Lane, jax.Array, jax.Array]:
-  """The lane's running samples through gate `gate` and its decision: (lane, rows computed,
-  rows needed)."""
-  lane, out, computed, needed = _run_gate(backbone, spec, consts, lane, blank_gate(spec, consts),
-                                          gate)
-  return _decide(spec, consts, inputs, lane, out, gate), computed, needed
+                  carry: tuple[_Lane, jax.Array, jax.Array]
+                  ) -> tuple[_Lane, jax.Array, jax.Array]:
+  """The lane's running samples through gate `gate` and its decision; carry: (lane, rows
+  computed, rows needed so far)."""
+  lane, computed, needed = carry
+  lane, out, c, n = _run_gate(backbone, spec, consts, lane, blank_gate(spec, consts), gate)
+  return _decide(spec, consts, inputs, lane, out, gate), computed + c, needed + n
 
 
 def run_lane(backbone: Backbone, spec: Spec, consts: Consts, inputs: Inputs) -> Output:
   """One lane of B samples through every gate (traced once per Spec and input shape)."""
-  lane = start_lane(backbone, spec, consts, inputs)
   zero = jnp.zeros((), jnp.int32)
-  computed = needed = zero
+  carry = (start_lane(backbone, spec, consts, inputs), zero, zero)
   for g in range(len(spec.exits)):
-    # A gate no sample of the lane reaches costs one reduction, not a sort, a conditional per
-    # level and chunk size and a decision: where nearly every sample leaves at the first exit
-    # those made the program slower than the host runner it replaced (docs/results/runtime.md).
-    lane, c, n = jax.lax.cond(jnp.all(lane.done), lambda lane: (lane, zero, zero),
-                              functools.partial(_through_gate, backbone, spec, consts, inputs, g),
-                              lane)
-    computed, needed = computed + c, needed + n
+    # A gate no sample of the lane reaches costs one reduction, not a sort, a skipped chunk per
+    # level and size and a decision: where nearly every sample leaves at the first exit those
+    # made the program slower than the host runner it replaced (docs/results/runtime.md).
+    carry = _when(~jnp.all(carry[0].done),
+                  functools.partial(_through_gate, backbone, spec, consts, inputs, g), carry)
+  lane, computed, needed = carry
   B = spec.batch
   return Output(lane.exit_state[:B], lane.exit_pred[:B], computed[None], needed[None])

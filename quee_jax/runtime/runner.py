@@ -83,23 +83,31 @@ class Runner:
     max_batch: samples per lane (per device and call); larger batches take several calls.
     min_chunk: the smallest chunk a level group is run in (padding per group and gate is
       below it); chunks are min_chunk * 2^k rows.
+    max_chunk: the largest chunk (default max_batch): a larger group runs as many chunks of
+      it as fit, one after the other. On CPUs a group's time per row can grow with the
+      chunk (temporaries touched afresh at every call; MiniLM runs fastest in chunks of 32),
+      on accelerators larger is better.
     devices: the local devices lanes run on, one lane each per call (default: all).
   """
 
   def __init__(self, backbone: Backbone, params: Params, gating: Gating, *,
                input_shape: Sequence[int], input_dtype=np.float32, max_batch: int = 1024,
-               min_chunk: int = 16, devices: Sequence | None = None):
+               min_chunk: int = 16, max_chunk: int | None = None,
+               devices: Sequence | None = None):
     check_gating(backbone, gating)
-    for name, v in (("max_batch", max_batch), ("min_chunk", min_chunk)):
+    max_chunk = max_batch if max_chunk is None else max_chunk
+    for name, v in (("max_batch", max_batch), ("min_chunk", min_chunk), ("max_chunk", max_chunk)):
       if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name}: expected a positive int, got {v!r}")
     if min_chunk > max_batch:
       raise ValueError(f"min_chunk: expected at most max_batch {max_batch}, got {min_chunk}")
+    if max_chunk < min_chunk:
+      raise ValueError(f"max_chunk: expected at least min_chunk {min_chunk}, got {max_chunk}")
     self.devices = list(devices) if devices is not None else jax.local_devices()
     self.backbone, self.gating, self.family = backbone, gating, gating.family
     self.input_shape = tuple(int(s) for s in input_shape)
     self.input_dtype = np.dtype(input_dtype)
-    self.max_batch, self.min_chunk = max_batch, min_chunk
+    self.max_batch, self.min_chunk, self.max_chunk = max_batch, min_chunk, max_chunk
     self.lane_sizes = lane_sizes(max_batch, min_chunk)
     self.mesh = Mesh(np.array(self.devices), ("lanes",))
     x1 = jax.ShapeDtypeStruct((1, *self.input_shape), self.input_dtype)
@@ -124,7 +132,7 @@ class Runner:
     return other
 
   def spec(self, batch: int, kind: str) -> program.Spec:
-    return program.spec_for(self.gating, batch, self.min_chunk, kind)
+    return program.spec_for(self.gating, batch, self.min_chunk, self.max_chunk, kind)
 
   def _program(self, batch: int, kind: str, inputs: program.Inputs):
     """The compiled program for lanes of `batch` samples (compiled, and timed, on first use)."""
