@@ -23,24 +23,22 @@ it times, after warm-up, as the median of several repetitions:
         baseline QuEE has to beat): its half points by the same rules over every
         configuration of every level, and its budget-mode mix for each budget;
       - every static level at full depth;
-  * with `--host` (default), the host-driven runner (`runtime.HostRunner`, back to
-    the host at every gate) at QuEE's points, for comparison.
-For each it prints inputs/s, the ratio to the full model, the device runtime's
-ratio to the host runner, test accuracy, counted
+For each it prints inputs/s, the ratio to the full model, test accuracy, counted
 BOPs, padding (the share of computed rows beyond the rows needed), and how many
 samples' exit state or prediction differ
 from the simulated policy on the test state table; more than 2% in any row
 exits with an error after the report. On an accelerator it first compares
 every level there with the host CPU (`quee_jax.runtime.device_check`).
 
-Each row's ratios divide timings taken in turns with the full model's (and the
-host runner's), the order rotating rep by rep, so that load and drift on a shared machine hit both
+Each row's ratio divides timings taken in turns with the full model's, the
+order rotating rep by rep, so that load and drift on a shared machine hit both
 sides alike.
 
 The last line is a JSON object: device, full_inputs_per_s, full_batch, max_chunk
-(the runtime's largest chunk: --max_chunk, by default full_batch), speedup_at_half_point (the certified QuEE half point of the faster cost model,
+(the runtime's largest chunk: --max_chunk, by default full_batch),
+speedup_at_half_point (the certified QuEE half point of the faster cost model,
 named in cost_model; null where no point is certified), device_runtime_speedup (the
-same), host_runtime_speedup (the host runner there), accuracy_drop (its test drop), risk ([δ, ε]),
+same), accuracy_drop (its test drop), risk ([δ, ε]),
 compile_s (every program the runtime compiled), padding, every timed row, and
 the block timings per level (block_us_per_sample) with their spread.
 """
@@ -86,7 +84,6 @@ def define_flags() -> None:
                     " most accurate on TEST among those whose counted test cost is at most each of"
                     " these: an upper bound on what any rule choosing on cal reaches (a diagnostic,"
                     " never a result).")
-  flags.DEFINE_bool("host", True, "Also time the host-driven runner at QuEE's points.")
   flags.DEFINE_bool("latency", True, "Also measure the latency cost model and time QuEE under it.")
   flags.DEFINE_integer("time_inputs", 0, "Time on this many inputs: the test split cut short, or"
                        " repeated to fill large batches (accuracy and mismatches are counted on the"
@@ -111,7 +108,6 @@ class Options:
   risk: tuple[float, float] = (0.005, 0.1)  # δ, ε
   budgets: tuple[float, ...] = (0.5, 0.25)
   test_chosen: tuple[float, ...] = ()
-  host: bool = True
   latency: bool = True
   time_inputs: int = 0  # 0: the test split
 
@@ -214,9 +210,9 @@ def time_full_model(bb, params, level: str, test_x, test_y, time_x, opts: Option
 
 
 def build_runners(bb, params, fitted, plan, test_x, max_chunk: int, opts: Options
-                  ) -> tuple[dict, dict, dict, dict[str, dict]]:
-  """Per cost model ("bops", and "latency" if asked): the runtime, the host runner (or None)
-  and the fitted policy deciding with its costs; and the block time per sample of each level and its spread (us).
+                  ) -> tuple[dict, dict, dict[str, dict]]:
+  """Per cost model ("bops", and "latency" if asked): the runtime and the fitted policy
+  deciding with its costs; and the block time per sample of each level and its spread (us).
   On an accelerator, first checks that every level and the predictors compute there what
   they do on the host."""
   fam = fitted.family
@@ -236,14 +232,8 @@ def build_runners(bb, params, fitted, plan, test_x, max_chunk: int, opts: Option
           " pairs per chunk body, median)")
     timings = block_timings(fam, model)
     runners["latency"] = runner.with_costs(model.costs)
-  hosts = {k: None for k in runners}
-  if opts.host:
-    host = runtime.HostRunner(bb, params, gating, input_shape=test_x.shape[1:],
-                              input_dtype=test_x.dtype, max_batch=opts.max_batch)
-    hosts = {k: host if k == "bops" else host.with_costs(r.gating.family.costs)
-             for k, r in runners.items()}
   fits = {k: dataclasses.replace(fitted, family=r.family) for k, r in runners.items()}
-  return runners, hosts, fits, timings
+  return runners, fits, timings
 
 
 def block_timings(fam, model: runtime.LatencyModel) -> dict[str, dict]:
@@ -369,7 +359,7 @@ def baseline_cases(fam, tables: dict, opts: Options, rng: np.random.Generator) -
   return cases
 
 
-def time_cases(cases: list[Case], runners: dict, hosts: dict, fam, test, test_x, test_y, time_x,
+def time_cases(cases: list[Case], runners: dict, fam, test, test_x, test_y, time_x,
                full_acc: float, full_run, opts: Options) -> list[dict]:
   """Runs each case on the test split (accuracy, padding, and mismatches: exit state or
   prediction unlike the test table's) and times it on time_x in turns with the full model
@@ -380,8 +370,8 @@ def time_cases(cases: list[Case], runners: dict, hosts: dict, fam, test, test_x,
   cols = np.arange(test.num_samples)
   rows = []
   print("\n| policy | cost model | operating point | start/level | inputs/s | vs full |"
-        " vs host runner | test acc | acc drop | counted BOPs | padding | mismatches |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        " test acc | acc drop | counted BOPs | padding | mismatches |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for c in cases:
     r = runners[c.cost_model]
     tile = lambda a: None if a is None else np.resize(a, (len(time_x), *np.shape(a)[1:]))
@@ -390,12 +380,8 @@ def time_cases(cases: list[Case], runners: dict, hosts: dict, fam, test, test_x,
     else:
       run = lambda r, x, t: r.classify_confidence(x, t(c.level), t(c.thresholds))
     out = run(r, test_x, lambda a: a)
-    host = hosts.get(c.cost_model) if c.policy == "quee" else None
     fns = [full_run, lambda: run(r, time_x, tile)]
-    if host is not None:
-      fns.append(lambda: run(host, time_x, tile))
-    full_s, secs, *host_s = [t / len(time_x) for t in interleaved_seconds(fns, opts.reps)]
-    host_s = host_s[0] if host_s else None
+    full_s, secs = [t / len(time_x) for t in interleaved_seconds(fns, opts.reps)]
     mism = int(((c.sim_state != out.exit_state) | (test.pred[c.sim_state, cols] != out.pred)).sum())
     acc = float((out.pred == test_y).mean())
     # Counted BOPs: QuEE's family costs (latency runners count time); a confidence run's own
@@ -403,16 +389,13 @@ def time_cases(cases: list[Case], runners: dict, hosts: dict, fam, test, test_x,
     bops = fam.cost[out.exit_state] if c.policy == "quee" else out.cost
     row = {"policy": c.policy, "cost_model": c.cost_model, "point": c.point, "lambda": c.label,
            "start": names[int(c.level[0])], "inputs_per_s": 1 / secs, "speedup": full_s / secs,
-           "host_inputs_per_s": None if host_s is None else 1 / host_s,
-           "vs_host": None if host_s is None else host_s / secs,
            "accuracy": acc, "accuracy_drop": full_acc - acc,
            "bops_cost": float(bops.mean()), "mismatches": mism,
            "padding": out.padding, "rows_computed": out.rows_computed,
            "rows_needed": out.rows_needed, "mean_exit_gate": float(out.exit_gate.mean())}
     rows.append(row)
-    vs_host = "" if host_s is None else f"{row['vs_host']:.2f}x"
     print(f"| {c.policy} | {c.cost_model} | {c.label} | {row['start']} | {1 / secs:.0f}"
-          f" | {row['speedup']:.2f}x | {vs_host} | {100 * acc:.2f} | {100 * row['accuracy_drop']:.2f}"
+          f" | {row['speedup']:.2f}x | {100 * acc:.2f} | {100 * row['accuracy_drop']:.2f}"
           f" | {row['bops_cost']:.3f} | {100 * out.padding:.1f}% | {mism}/{len(test_y)} |")
   return rows
 
@@ -439,23 +422,20 @@ def bench(workdir: str, opts: Options) -> dict:
   # the batch (MiniLM runs 1.8x faster in batches of 32 than of 256 on 2 cores).
   max_chunk = opts.max_chunk or full_batch
   print(f"runtime: lanes of {opts.max_batch}, chunks of {opts.min_chunk} to {max_chunk} rows")
-  runners, hosts, fits, timings = build_runners(bb, params, fitted, plan, test_x, max_chunk,
-                                                opts)
+  runners, fits, timings = build_runners(bb, params, fitted, plan, test_x, max_chunk, opts)
   rng = np.random.default_rng(0)  # budget modes' per-sample coins
   cases = (quee_cases(fits, tables, plan.eval, opts, rng)
            + baseline_cases(fitted.family, tables, opts, rng))
-  rows = time_cases(cases, runners, hosts, fitted.family, tables["test"], test_x, test_y, time_x,
+  rows = time_cases(cases, runners, fitted.family, tables["test"], test_x, test_y, time_x,
                     full_acc, full_run, opts)
   halves = [r for r in rows if r["policy"] == "quee" and r["point"] == "half point"]
   best = max(halves, key=lambda r: r["speedup"]) if halves else dict.fromkeys(
-      ("speedup", "cost_model", "accuracy_drop", "vs_host"))  # nothing certified: no half point
+      ("speedup", "cost_model", "accuracy_drop"))  # nothing certified: no half point
   computed = sum(r["rows_computed"] for r in rows)
   return {"device": device, "backend": jax.default_backend(), "workdir": os.path.basename(
               os.path.normpath(workdir)), "full_inputs_per_s": 1 / full_s,
           "full_batch": full_batch, "max_chunk": max_chunk, "full_accuracy": full_acc,
           "speedup_at_half_point": best["speedup"], "device_runtime_speedup": best["speedup"],
-          "host_runtime_speedup": (None if best["vs_host"] is None
-                                   else best["speedup"] / best["vs_host"]),
           "cost_model": best["cost_model"], "accuracy_drop": best["accuracy_drop"],
           "risk": list(opts.risk), "compile_s": sum(runners["bops"].compile_s.values()),
           "padding": 1 - sum(r["rows_needed"] for r in rows) / max(computed, 1),
@@ -485,7 +465,7 @@ def main(argv):
   try:
     opts = Options(FLAGS.variant, FLAGS.seed, FLAGS.max_batch, FLAGS.min_chunk, FLAGS.max_chunk,
                    FLAGS.reps, risk_flag(FLAGS.risk), costs_flag("budgets", FLAGS.budgets),
-                   costs_flag("test_chosen", FLAGS.test_chosen), FLAGS.host, FLAGS.latency,
+                   costs_flag("test_chosen", FLAGS.test_chosen), FLAGS.latency,
                    FLAGS.time_inputs)
     report = bench(FLAGS.workdir, opts)
   except (ValueError, device_check.DeviceMismatch) as e:

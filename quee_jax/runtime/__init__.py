@@ -8,12 +8,9 @@
   latency       latency_model / latency_costs: the runner's own chunk bodies timed, as a cost
                 model (LatencyModel: the CostTable and each block time's spread)
   device_check  does an accelerator compute every precision level as the CPU does?
-  host, lanes, stage  HostRunner: the host-driven runner the device runtime replaced (back to
-                the host at every gate), kept to be timed beside it (experiments.bench_runtime)
 """
 
-from quee_jax.runtime import device_check, gating, host, lanes, latency, program, runner, stage
+from quee_jax.runtime import device_check, gating, latency, program, runner
 from quee_jax.runtime.gating import Gating, gating_from_fitted
 from quee_jax.runtime.latency import LatencyModel, latency_costs, latency_model
-from quee_jax.runtime.host import HostRunner
 from quee_jax.runtime.runner import Runner, RunResult
