@@ -39,7 +39,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("workdirs", None, "Work directories finished by experiments.run.")
 flags.DEFINE_integer("max_batch", 4096, "Samples per lane; the full model's largest batch.")
 flags.DEFINE_integer("min_chunk", 128, "The runtime's smallest chunk: fewer, larger chunks"
-                     " suit an accelerator (each chunk size is one conditional per level and gate).")
+                     " suit an accelerator (each chunk size is one skippable loop per level and gate).")
 flags.DEFINE_integer("reps", 3, "Timed repetitions (median reported).")
 flags.DEFINE_integer("time_inputs", 16384, "Time on this many inputs (the test split repeated).")
 flags.DEFINE_list("budgets", ["0.5", "0.25"], "Budget-mode budgets to time.")

@@ -73,7 +73,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("min_chunk", 16, "The runtime's smallest chunk (its padding per level"
                        " group and gate is below it; `runtime.Runner`).")
   flags.DEFINE_integer("max_chunk", 0, "The runtime's largest chunk (a larger level group runs"
-                       " as several; `runtime.Runner`); 0: the full model's fastest batch.")
+                       " as several; `runtime.Runner`); 0: the full model's fastest batch, or"
+                       " --min_chunk if larger.")
   flags.DEFINE_integer("reps", 5, "Timed repetitions (median reported).")
   flags.DEFINE_list("risk", ["0.005", "0.1"], "δ,ε: the half point is the cheapest point certified"
                     " to lose at most δ (0.005 = 0.5 point) of the full model's accuracy with"
@@ -419,8 +420,8 @@ def bench(workdir: str, opts: Options) -> dict:
   full_acc, full_s, full_batch, full_run = time_full_model(bb, params, full_level, test_x,
                                                            test_y, time_x, opts)
   # Chunks as large as the full model's fastest batch: on CPUs the time per row can grow with
-  # the batch (MiniLM runs 1.8x faster in batches of 32 than of 256 on 2 cores).
-  max_chunk = opts.max_chunk or full_batch
+  # the batch (MiniLM runs about 2x faster in batches of 32 than of 256 on 2 cores).
+  max_chunk = opts.max_chunk or max(full_batch, opts.min_chunk)
   print(f"runtime: lanes of {opts.max_batch}, chunks of {opts.min_chunk} to {max_chunk} rows")
   runners, fits, timings = build_runners(bb, params, fitted, plan, test_x, max_chunk, opts)
   rng = np.random.default_rng(0)  # budget modes' per-sample coins

@@ -187,6 +187,14 @@ def test_one_transfer_back_per_call_and_nothing_implicit(setup, monkeypatch):
   assert len(fetches) == 4
 
 
+def test_chunk_sizes_never_exceed_max_chunk():
+  assert program.chunk_sizes(64, 8) == (64, 32, 16, 8)
+  assert program.chunk_sizes(20, 8) == (16, 8)  # 3 units of 8 cover a lane of 20
+  assert program.chunk_sizes(64, 8, 48) == (32, 16, 8)  # rounded down to a power of two
+  assert program.chunk_sizes(64, 16, 24) == (16,)
+  assert program.chunk_sizes(16, 8, 256) == (16, 8)  # never above the lane
+
+
 def test_a_second_batch_of_the_same_shape_compiles_nothing(setup, tiny, monkeypatch):
   x, _, _, shared = setup
   limit_traces(monkeypatch, 2)  # lanes of 64 and of 8 samples: one trace each

@@ -85,6 +85,13 @@ def chunk_timer(runner: Runner) -> Timer:
   fam = runner.family
   timed = {}
 
+  def embedded_lane(consts: program.Consts, inputs: program.Inputs):
+    # Chunks after gate 0 read the lane's hidden states: the inputs' embeddings, so that they
+    # run on real activations (states of zeros would be all padding to a BERT attention mask).
+    lane = program.start_lane(runner.backbone, spec, consts, inputs)
+    h = runner.backbone.embed(consts.params, inputs.images)
+    return lane._replace(hidden=lane.hidden.at[:batch].set(h.astype(lane.hidden.dtype)))
+
   def call(gate: int, level: int, blocks: bool) -> None:
     key = (gate, level, blocks)
     if key not in timed:
@@ -92,8 +99,7 @@ def chunk_timer(runner: Runner) -> Timer:
       inputs = program.Inputs(imgs, state, np.zeros(batch, np.float32),
                               np.full((batch, fam.num_gates), np.inf, np.float32),
                               np.ones(batch, bool))
-      lane = jax.jit(functools.partial(program.start_lane, runner.backbone, spec))(
-          consts, jax.device_put(inputs, device))
+      lane = jax.jit(embedded_lane)(consts, jax.device_put(inputs, device))
       out = program.blank_gate(spec, consts)
       order = jnp.arange(batch + runner.min_chunk, dtype=jnp.int32)
       fn = jax.jit(functools.partial(program.chunk, runner.backbone, spec, gate=gate,

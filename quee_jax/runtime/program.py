@@ -29,7 +29,7 @@ next of x1.5/x2 steps, 16% extra rows on the Fashion-MNIST demo) or a loop over
 chunks of one size (small chunks waste an accelerator, large ones pad up to a
 chunk per group): it pads less than m rows per group with log2(M / m) + 1
 sizes, and M can be set where the device runs fastest (on 2 CPU cores MiniLM
-runs 1.8x faster per row in chunks of 32 than of 256: XLA touches each call's
+runs about 2x faster per row in chunks of 32 than of 256: XLA touches each call's
 temporaries afresh, and they grow with the chunk). docs/results/runtime.md has
 the measurements.
 """
@@ -128,8 +128,10 @@ def _when(pred: jax.Array, fn, carry):
 
 def chunk_sizes(batch: int, min_chunk: int, max_chunk: int | None = None) -> tuple[int, ...]:
   """The chunk sizes a lane of `batch` rows uses, largest first: min_chunk * 2^k for every k
-  with 2^k <= ceil(min(batch, max_chunk) / min_chunk)."""
-  units = -(-min(batch, max_chunk or batch) // min_chunk)
+  with 2^k <= ceil(batch / min_chunk) and min_chunk * 2^k <= max_chunk (>= min_chunk)."""
+  units = -(-batch // min_chunk)
+  if max_chunk is not None:
+    units = min(units, max_chunk // min_chunk)
   return tuple(min_chunk << k for k in reversed(range(units.bit_length())))
 
 

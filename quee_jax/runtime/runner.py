@@ -83,10 +83,10 @@ class Runner:
     max_batch: samples per lane (per device and call); larger batches take several calls.
     min_chunk: the smallest chunk a level group is run in (padding per group and gate is
       below it); chunks are min_chunk * 2^k rows.
-    max_chunk: the largest chunk (default max_batch): a larger group runs as many chunks of
-      it as fit, one after the other. On CPUs a group's time per row can grow with the
-      chunk (temporaries touched afresh at every call; MiniLM runs fastest in chunks of 32),
-      on accelerators larger is better.
+    max_chunk: the largest chunk (default max_batch; rounded down to min_chunk * 2^k): a
+      larger group runs as many chunks of it as fit, one after the other. On CPUs a group's
+      time per row can grow with the chunk (temporaries touched afresh at every call; MiniLM
+      runs fastest in chunks of 32), on accelerators larger is better.
     devices: the local devices lanes run on, one lane each per call (default: all).
   """
 
