@@ -232,21 +232,21 @@ def _run_gate(backbone: Backbone, spec: Spec, consts: Consts, lane: _Lane, out: 
   for q in spec.levels_at[gate]:
     units = (counts[q] + m - 1) // m
     pos, end = first[q], first[q] + counts[q]
+    stop = pos + units * m  # the group's rows, rounded up to whole smallest chunks
+
+    # (Every closure below is traced within this iteration: q and end are this group's.)
+    def run(lane_out, pos, size):
+      return chunk(backbone, spec, consts, *lane_out, order, pos, end, gate=gate, level=q,
+                   size=size)
     # As many chunks of the largest size as fit, in a loop (one body, its buffers reused),
     # then the rest by its binary decomposition in smaller ones.
-    def full(c, q=q, end=end):
-      lane, out, pos = c
-      lane, out = chunk(backbone, spec, consts, lane, out, order, pos, end, gate=gate, level=q,
-                        size=big)
-      return lane, out, pos + big
-    lane, out, pos = jax.lax.while_loop(lambda c, q=q: c[2] + big <= first[q] + units * m, full,
+    lane, out, pos = jax.lax.while_loop(lambda c: c[2] + big <= stop,
+                                        lambda c: (*run(c[:2], c[2], big), c[2] + big),
                                         (lane, out, pos))
     rest = units % (big // m)
     for size in smaller:
       take = (rest & (size // m)) != 0
-      body = functools.partial(chunk, backbone, spec, consts, gate=gate, level=q, size=size)
-      lane, out = _when(take, lambda c, body=body, pos=pos, end=end: body(*c, order, pos, end),
-                        (lane, out))
+      lane, out = _when(take, lambda c: run(c, pos, size), (lane, out))
       pos = pos + jnp.where(take, size, 0)
     computed, needed = computed + pos - first[q], needed + counts[q]
   return lane, out, computed, needed
